@@ -1,0 +1,1 @@
+"""Discord extensions shipped with admin-ops."""
