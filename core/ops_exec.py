@@ -1,0 +1,1118 @@
+"""Hardened, stdlib-only primitives for running operations: processes, git, systemctl, cooldowns.
+
+Everything a chat command or the fleet daemon does to the host goes through here:
+
+* ``run_exec`` runs an argv (never a shell) in its own process group with empty stdin, drains
+  stdout and stderr concurrently with a byte cap applied while reading, and on timeout or
+  cancellation stops the *whole group*: SIGTERM, a grace period, SIGKILL, bounded waits.
+* ``git_env`` builds git's environment from an allowlist, so bot tokens never reach git hooks.
+* ``run_git_pull`` fast-forwards a checkout under a host-local ``flock`` and, when a Redis client
+  is passed in, a fleet-wide ``SET NX PX`` dedupe lock.
+* ``systemctl_restart`` / ``deferred_systemctl_restart`` restart validated unit names.
+* ``Cooldown`` is a per-key cooldown backed by Redis, a JSON state file, or memory.
+
+This module must import nothing but the standard library: a Redis client is always passed in,
+never imported, so the module loads on a host that has neither discord.py nor redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+__all__ = [
+    "DEFAULT_KILL_GRACE",
+    "GIT_ENV_ALLOWLIST",
+    "GIT_ENV_FIXED",
+    "UNIT_SUFFIXES",
+    "Cooldown",
+    "ExecResult",
+    "PullResult",
+    "atomic_write_json",
+    "deferred_systemctl_restart",
+    "git_env",
+    "git_head",
+    "git_upstream",
+    "pull_lock_key",
+    "read_json_file",
+    "redact",
+    "run_exec",
+    "run_git_pull",
+    "sanitize_output",
+    "systemctl_argv",
+    "systemctl_is_active",
+    "systemctl_restart",
+    "validate_unit_name",
+]
+
+log = logging.getLogger("admin_ops.ops_exec")
+
+T = TypeVar("T")
+
+DEFAULT_KILL_GRACE = 2.0
+#: Every call to a Redis server passed in is bounded by this many seconds.
+REDIS_CALL_TIMEOUT = 2.0
+#: Pipes are enlarged to this size so a chatty child needs fewer wake-ups to drain.
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: After the direct child exits, how long to wait for its pipes to reach end-of-file.
+_DRAIN_WINDOW = 0.1
+#: After SIGKILL, how long to wait for the group to disappear before giving up.
+_KILL_WAIT = 0.5
+#: How much of a failing command's stderr a summary quotes.
+_SUMMARY_STDERR_CHARS = 1500
+
+
+# --------------------------------------------------------------------------------------------
+# Output sanitising and redaction
+# --------------------------------------------------------------------------------------------
+
+_ANSI_ESCAPE = re.compile(
+    r"""
+    \x1b\[[0-?]*[ -/]*[@-~]               # CSI sequences: colours, cursor movement
+    | \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?  # OSC sequences: titles, hyperlinks
+    | \x1b[PX^_][^\x1b]*(?:\x1b\\)?       # DCS / SOS / PM / APC strings
+    | \x1b[ -/]*[0-~]?                    # any other escape (two-character and lone ESC)
+    """,
+    re.VERBOSE,
+)
+# C0 controls except tab and newline, DEL, C1 controls, and the bidi controls that can make
+# displayed text read differently from what it is ("Trojan Source").
+_UNSAFE_CHARS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def sanitize_output(data: bytes) -> str:
+    """Decode a child's output for display: UTF-8 with replacement, no escapes or controls."""
+    text = data.decode("utf-8", errors="replace")
+    return _UNSAFE_CHARS.sub("", _ANSI_ESCAPE.sub("", text))
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]*@")
+_TOKEN_SHAPES = (
+    # Discord bot tokens: base64 user id, timestamp, HMAC.
+    re.compile(r"\b[A-Za-z0-9_\-]{23,28}\.[A-Za-z0-9_\-]{6,7}\.[A-Za-z0-9_\-]{27,}"),
+    # GitHub personal, OAuth, user-to-server, server-to-server and refresh tokens.
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
+    re.compile(r"\bgithub_pat_[A-Za-z0-9_]{20,}"),
+    # AWS access key ids (long-term and temporary).
+    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+)
+#: Secrets shorter than this are not replaced verbatim: a two-letter "secret" would shred text.
+MIN_SECRET_LENGTH = 4
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove URL credentials, well-known token shapes and the exact ``secrets`` from ``text``."""
+    for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len)[::-1]:
+        text = text.replace(secret, REDACTED)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    for shape in _TOKEN_SHAPES:
+        text = shape.sub(REDACTED, text)
+    return text
+
+
+def _cap(text: str, limit: int = _SUMMARY_STDERR_CHARS) -> str:
+    """Keep the head of ``text``, saying how much was cut."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n[… {len(text) - limit} characters cut]"
+
+
+# --------------------------------------------------------------------------------------------
+# The process runner
+# --------------------------------------------------------------------------------------------
+
+
+class ExecResult(NamedTuple):
+    """Everything that is known about one finished run of a program."""
+
+    argv: tuple[str, ...]
+    #: The exit status; negative for a signal; None when the program could not be started.
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    #: Wall-clock seconds from spawn to return.
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the program ran to completion and exited 0."""
+        return self.returncode == 0 and not self.timed_out
+
+
+class _CappedBuffer:
+    """Keeps the first ``limit`` bytes written to it and counts the rest."""
+
+    __slots__ = ("_data", "discarded", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data = bytearray()
+        self.discarded = 0
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.limit - len(self._data)
+        if room >= len(chunk):
+            self._data += chunk
+            return
+        if room > 0:
+            self._data += chunk[:room]
+        self.discarded += len(chunk) - max(room, 0)
+
+    def text(self) -> str:
+        text = sanitize_output(bytes(self._data))
+        if self.discarded:
+            text += f"\n[… {self.discarded} bytes truncated]"
+        return text
+
+
+class _RunProtocol(asyncio.SubprocessProtocol):
+    """Drains both pipes at the protocol level (no StreamReader copies) into capped buffers."""
+
+    def __init__(self, max_output: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.buffers = {1: _CappedBuffer(max_output), 2: _CappedBuffer(max_output)}
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.pipes_closed: asyncio.Future[None] = loop.create_future()
+        self._open_pipes = {1, 2}
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        self.buffers[fd].feed(data if isinstance(data, bytes) else data.encode())
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open_pipes.discard(fd)
+        if not self._open_pipes and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _enlarge_pipes(transport: asyncio.SubprocessTransport) -> None:
+    for fd in (1, 2):
+        pipe = transport.get_pipe_transport(fd)
+        fileobj = pipe.get_extra_info("pipe") if pipe is not None else None
+        if fileobj is None:
+            continue
+        # Only a speed-up: a kernel that refuses (pipe-max-size) still works at the default size.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fileobj.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+
+
+def _live_group_members(pgid: int) -> bool:
+    """Whether any non-zombie process is in process group ``pgid``.
+
+    ``killpg(pgid, 0)`` also succeeds for zombies waiting for init to reap them, which are
+    already dead for our purposes, so /proc is consulted to tell the two apart.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses; fields resume after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _wait_group_gone(pgid: int, seconds: float) -> bool:
+    """Poll until no live process is left in the group, for at most ``seconds``.
+
+    There is no event for "a process that is not our child has died", so this polls.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        if not _live_group_members(pgid):
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(0.01, remaining))
+
+
+async def _stop_group(pgid: int, kill_grace: float) -> None:
+    """SIGTERM the group, give it ``kill_grace`` seconds, then SIGKILL whatever is left.
+
+    SIGTERM comes first because git (and most well-behaved programs) clean up on it: git
+    removes its ``index.lock``; SIGKILL would leave it behind.
+    """
+    _signal_group(pgid, signal.SIGTERM)
+    if await _wait_group_gone(pgid, kill_grace):
+        return
+    _signal_group(pgid, signal.SIGKILL)
+    if not await _wait_group_gone(pgid, _KILL_WAIT):
+        log.warning("process group %d still has live members after SIGKILL", pgid)
+
+
+async def _wait_first(future: asyncio.Future[None], timeout: float) -> bool:
+    """Wait for ``future`` for at most ``timeout`` seconds without cancelling it."""
+    if not future.done():
+        await asyncio.wait({future}, timeout=max(timeout, 0))
+    return future.done()
+
+
+def _spawn_failure(
+    argv: tuple[str, ...], cwd: str | None, exc: OSError, started: float
+) -> ExecResult:
+    if cwd is not None and not os.path.isdir(cwd):
+        reason = f"cannot run {argv[0]!r}: working directory {cwd!r} does not exist"
+    elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        reason = f"cannot run {argv[0]!r}: program not found"
+    elif exc.errno == errno.EACCES:
+        reason = f"cannot run {argv[0]!r}: permission denied (not executable?)"
+    else:
+        reason = f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+    return ExecResult(argv, None, "", reason, False, False, time.monotonic() - started)
+
+
+def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a list or tuple of str, not a single string (no shell)")
+    args = tuple(argv)
+    if not args:
+        raise ValueError("argv must not be empty")
+    for arg in args:
+        if not isinstance(arg, str):
+            raise TypeError(f"argv items must be str, got {type(arg).__name__}")
+    return args
+
+
+async def run_exec(
+    argv: Sequence[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    max_output: int = 65536,
+    kill_grace: float = DEFAULT_KILL_GRACE,
+) -> ExecResult:
+    """Run ``argv`` without a shell and return what happened; never raises for a failed run.
+
+    The child gets ``/dev/null`` as stdin and a new session (its own process group). Each of
+    stdout and stderr keeps its first ``max_output`` bytes; the rest is read and discarded, so
+    memory stays flat. On timeout or cancellation the whole group is stopped (SIGTERM, grace,
+    SIGKILL). Once the direct child exits, leftover group members are stopped the same way and
+    the call returns even if an escaped descendant still holds a pipe open.
+    """
+    args = _check_argv(argv)
+    workdir = os.fspath(cwd) if cwd is not None else None
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    protocol = _RunProtocol(max_output)
+    try:
+        transport, _ = await loop.subprocess_exec(
+            lambda: protocol,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=workdir,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return _spawn_failure(args, workdir, exc, started)
+
+    pgid = transport.get_pid()
+    _enlarge_pipes(transport)
+    timed_out = False
+    try:
+        if not await _wait_first(protocol.exited, timeout - (time.monotonic() - started)):
+            timed_out = True
+            await _stop_group(pgid, kill_grace)
+            await _wait_first(protocol.exited, _KILL_WAIT)
+        elif _live_group_members(pgid):
+            await _stop_group(pgid, kill_grace)
+        await _wait_first(protocol.pipes_closed, _DRAIN_WINDOW)
+    except asyncio.CancelledError:
+        # Shielded so that a second cancellation cannot leave the group running.
+        await asyncio.shield(_stop_group(pgid, kill_grace))
+        raise
+    finally:
+        transport.close()
+
+    returncode = transport.get_returncode()
+    out, err = protocol.buffers[1], protocol.buffers[2]
+    return ExecResult(
+        argv=args,
+        returncode=returncode,
+        stdout=out.text(),
+        stderr=err.text(),
+        timed_out=timed_out,
+        truncated=bool(out.discarded or err.discarded),
+        duration=time.monotonic() - started,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Git's environment
+# --------------------------------------------------------------------------------------------
+
+#: Keys copied from the source environment; everything else is dropped.
+GIT_ENV_ALLOWLIST: tuple[str, ...] = ("PATH", "HOME")
+#: Keys always set, whatever the source says: no prompts, no system config, stable messages.
+GIT_ENV_FIXED: Mapping[str, str] = {
+    "LC_ALL": "C",
+    "LANG": "C",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GCM_INTERACTIVE": "never",
+    "GIT_MERGE_AUTOEDIT": "no",
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ControlMaster=no -o ConnectTimeout=10",
+}
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def git_env(
+    source: Mapping[str, str] | None = None, *, passthrough: Iterable[str] = ()
+) -> dict[str, str]:
+    """Build git's environment from an allowlist: ``PATH`` and ``HOME`` plus fixed settings.
+
+    ``passthrough`` names extra keys an operator chose to pass (say ``SSH_AUTH_SOCK`` or
+    ``https_proxy``); it can never override the fixed settings.
+    """
+    src = os.environ if source is None else source
+    env = {key: src[key] for key in (*GIT_ENV_ALLOWLIST, *passthrough) if key in src}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.update(GIT_ENV_FIXED)
+    return env
+
+
+def _service_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for systemctl: enough to find it and reach a user manager, no secrets."""
+    src = os.environ if source is None else source
+    keep = ("PATH", "HOME", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")
+    env = {key: src[key] for key in keep if key in src}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.update({"LC_ALL": "C", "LANG": "C", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""})
+    return env
+
+
+async def _git(repo_dir: str, *args: str, timeout: float = 10.0) -> ExecResult:
+    return await run_exec(["git", *args], cwd=repo_dir, env=git_env(), timeout=timeout)
+
+
+async def git_head(repo_dir: str | os.PathLike[str]) -> str | None:
+    """The short hash of HEAD in ``repo_dir``, or None when it is not a git checkout."""
+    result = await _git(os.fspath(repo_dir), "rev-parse", "--short", "HEAD")
+    return (result.stdout.strip() or None) if result.ok else None
+
+
+async def git_upstream(repo_dir: str | os.PathLike[str]) -> str | None:
+    """The upstream of the current branch (e.g. ``origin/main``), or None when there is none."""
+    result = await _git(
+        os.fspath(repo_dir), "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}"
+    )
+    return (result.stdout.strip() or None) if result.ok else None
+
+
+# --------------------------------------------------------------------------------------------
+# Unit names and systemctl
+# --------------------------------------------------------------------------------------------
+
+UNIT_SUFFIXES = (
+    ".service", ".socket", ".device", ".mount", ".automount", ".swap",
+    ".target", ".path", ".timer", ".slice", ".scope",
+)  # fmt: skip
+#: systemd's UNIT_NAME_MAX is 256 including the terminating NUL.
+_UNIT_NAME_MAX = 255
+_UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+")
+
+
+def _describe(name: str) -> str:
+    shown = repr(name)
+    return shown if len(shown) <= 60 else shown[:57] + "…'"
+
+
+def validate_unit_name(name: str) -> str:
+    """Return ``name`` as a full unit name (``.service`` added when it has no suffix).
+
+    Raises ValueError with a one-line reason for anything outside systemd's unit name grammar,
+    so option injection (``-H``), globs, paths and shell metacharacters never reach systemctl.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"unit name must be a string, not {type(name).__name__}")
+    if not name:
+        raise ValueError("unit name is empty")
+    shown = _describe(name)
+    if name.startswith("-"):
+        raise ValueError(f"invalid unit name {shown}: must not start with '-'")
+    if not name.isascii():
+        raise ValueError(f"invalid unit name {shown}: only ASCII characters are allowed")
+    if any(c in name for c in "*?["):
+        raise ValueError(f"invalid unit name {shown}: globs are not allowed")
+    if "/" in name:
+        raise ValueError(f"invalid unit name {shown}: '/' is not allowed")
+    if not _UNIT_CHARS.fullmatch(name):
+        raise ValueError(
+            f"invalid unit name {shown}: only letters, digits and ':_.-\\@' are allowed"
+        )
+    full = name if name.endswith(UNIT_SUFFIXES) else f"{name}.service"
+    stem = full[: full.rfind(".")]
+    if not stem or stem.startswith("."):
+        raise ValueError(f"invalid unit name {shown}: the name before the suffix is empty")
+    if full.count("@") > 1:
+        raise ValueError(f"invalid unit name {shown}: at most one '@' is allowed")
+    if "@" in stem:
+        prefix, instance = stem.split("@")
+        if not prefix:
+            raise ValueError(f"invalid unit name {shown}: nothing before '@'")
+        if not instance:
+            raise ValueError(f"invalid unit name {shown}: a template needs an instance after '@'")
+    if len(full) > _UNIT_NAME_MAX:
+        raise ValueError(f"invalid unit name {shown}: longer than {_UNIT_NAME_MAX} characters")
+    return full
+
+
+def systemctl_argv() -> list[str]:
+    """The systemctl program: ``$OPS_SYSTEMCTL`` (e.g. ``sudo -n systemctl``) or ``systemctl``."""
+    configured = os.environ.get("OPS_SYSTEMCTL", "").strip()
+    return shlex.split(configured) if configured else ["systemctl"]
+
+
+def _systemctl_failure(unit: str, verb: str, result: ExecResult, timeout: float) -> str:
+    if result.timed_out:
+        return f"systemctl {verb} {unit} timed out after {timeout:g}s"
+    if result.returncode is None:
+        return f"could not run systemctl: {result.stderr}"
+    detail = _cap(redact(result.stderr or result.stdout)) or "no output"
+    return f"systemctl {verb} {unit} failed (exit {result.returncode}): {detail}"
+
+
+async def systemctl_restart(service: str, timeout: float = 20.0) -> tuple[bool, str]:
+    """Restart another unit and wait for the job; returns ``(ok, one-line summary)``.
+
+    Never use this for the unit the calling process runs in: a synchronous restart of one's
+    own unit deadlocks (systemd issue 15775). Use ``deferred_systemctl_restart`` for that.
+    """
+    try:
+        unit = validate_unit_name(service)
+    except ValueError as exc:
+        return False, str(exc)
+    argv = [*systemctl_argv(), "--no-ask-password", "restart", "--", unit]
+    result = await run_exec(argv, env=_service_env(), timeout=timeout)
+    if result.ok:
+        return True, f"restarted {unit}"
+    return False, _systemctl_failure(unit, "restart", result, timeout)
+
+
+async def deferred_systemctl_restart(service: str, *, delay: float = 1.0) -> tuple[bool, str]:
+    """Ask systemd to restart the caller's own unit after ``delay`` seconds, without waiting.
+
+    ``--no-block`` queues the job and returns, so systemd can stop this process afterwards. The
+    caller replies to the user first, then awaits this.
+    """
+    try:
+        unit = validate_unit_name(service)
+    except ValueError as exc:
+        return False, str(exc)
+    await asyncio.sleep(delay)
+    argv = [*systemctl_argv(), "--no-block", "--no-ask-password", "restart", "--", unit]
+    timeout = 10.0
+    result = await run_exec(argv, env=_service_env(), timeout=timeout)
+    if result.ok:
+        return True, f"restart of {unit} requested"
+    return False, _systemctl_failure(unit, "restart", result, timeout)
+
+
+async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:
+    """``systemctl is-active`` for one unit: ``active``, ``inactive``, ``failed``, ``unknown``…"""
+    try:
+        name = validate_unit_name(unit)
+    except ValueError as exc:
+        return f"unknown ({exc})"
+    argv = [*systemctl_argv(), "--no-ask-password", "is-active", "--", name]
+    result = await run_exec(argv, env=_service_env(), timeout=timeout)
+    state = result.stdout.strip().splitlines()
+    if state and state[0]:
+        return state[0]
+    return f"unknown ({_systemctl_failure(name, 'is-active', result, timeout)})"
+
+
+# --------------------------------------------------------------------------------------------
+# Small JSON state files
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as JSON so readers see the old file or the new one, never half of one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp_file:
+            json.dump(data, tmp_file, sort_keys=True)
+            tmp_file.flush()
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json_file(path: str | os.PathLike[str]) -> Any | None:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as state:
+            return json.load(state)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded Redis calls (the client is passed in; this module never imports redis)
+# --------------------------------------------------------------------------------------------
+
+
+async def _bounded(call: Awaitable[T]) -> T:
+    """Await one Redis call for at most REDIS_CALL_TIMEOUT seconds."""
+    return await asyncio.wait_for(call, REDIS_CALL_TIMEOUT)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return "" if value is None else str(value)
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return f"no answer within {REDIS_CALL_TIMEOUT:g}s"
+    detail = redact(str(exc)).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+# Delete the key only if it still holds our token: a lapsed lock taken by someone else stays.
+_RELEASE_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# git pull with dedupe
+# --------------------------------------------------------------------------------------------
+
+
+class PullResult(NamedTuple):
+    """What ``run_git_pull`` did.
+
+    ``ran=False, ok=True``: skipped, someone else is pulling this checkout.
+    ``ran=False, ok=False``: nothing ran because of a problem.
+    ``ran=True``: git ran; ``ok`` says whether the pull succeeded.
+    """
+
+    ran: bool
+    ok: bool
+    summary: str
+
+
+def pull_lock_key(
+    repo_dir: str | os.PathLike[str], hostname: str | None = None, prefix: str = "sg:control"
+) -> str:
+    """The Redis key that dedupes pulls of one checkout on one host."""
+    host = hostname if hostname is not None else socket.gethostname()
+    return f"{prefix}:pull:{host}:{os.path.realpath(repo_dir)}"
+
+
+_PULL_ARGV = (
+    "git",
+    # No credential helper or askpass program may run: an unattended pull must fail, not wait.
+    "-c", "credential.helper=",
+    "-c", "core.askPass=",
+    "-c", "color.ui=never",
+    # Submodules are not ours to update from chat.
+    "-c", "submodule.recurse=false",
+    "pull", "--ff-only", "--no-rebase", "--no-stat", "--no-edit",
+)  # fmt: skip
+_MAX_LISTED_COMMITS = 10
+_LOCK_FILE_NAME = "admin-ops-pull.lock"
+
+# git's messages under LC_ALL=C, mapped to what happened in plain words.
+_PULL_FAILURES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (
+        ("Not possible to fast-forward", "diverging branches", "have diverged"),
+        "Not pulled: the branch has diverged from its upstream. Nothing was merged; "
+        "HEAD is unchanged.",
+    ),
+    (
+        ("would be overwritten", "Please commit your changes or stash them", "unstaged changes"),
+        "Not pulled: local changes in the checkout block the fast-forward. "
+        "Commit, stash or discard them first.",
+    ),
+    (
+        ("no tracking information", "not currently on a branch", "no such ref was fetched"),
+        "Not pulled: the current branch has no upstream to pull from "
+        "(set one with `git branch --set-upstream-to`).",
+    ),
+    (
+        (
+            "Authentication failed",
+            "could not read Username",
+            "could not read Password",
+            "terminal prompts disabled",
+            "Permission denied (publickey",
+            "Host key verification failed",
+        ),
+        "Not pulled: the remote requires authentication that is not available "
+        "(git never prompts here).",
+    ),
+    (
+        (
+            "Could not resolve host",
+            "unable to access",
+            "Connection refused",
+            "Connection timed out",
+            "Could not read from remote repository",
+            "does not appear to be a git repository",
+            "unable to connect",
+        ),
+        "Not pulled: the remote is unreachable.",
+    ),
+    (
+        ("dubious ownership",),
+        "Not pulled: git refuses this checkout because another user owns it (safe.directory).",
+    ),
+    (
+        ("index.lock",),
+        "Not pulled: git could not lock the index (another git process is running, "
+        "or one crashed and left .git/index.lock behind).",
+    ),
+)
+
+
+def _classify_pull_failure(stderr: str, returncode: int | None) -> str:
+    for needles, headline in _PULL_FAILURES:
+        if any(needle in stderr for needle in needles):
+            return headline
+    return f"git pull failed (exit {returncode})."
+
+
+def _with_detail(headline: str, detail: str) -> str:
+    detail = _cap(redact(detail))
+    return f"{headline}\n{detail}" if detail else headline
+
+
+def _read_holder(lock_fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.pread(lock_fd, 200, 0).decode("utf-8", errors="replace").strip()
+    return ""
+
+
+def _try_flock(lock_path: str, holder: str) -> tuple[int | None, str]:
+    """Take the host-local pull lock without blocking: ``(fd, "")`` or ``(None, holder)``."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = _read_holder(fd)
+        os.close(fd)
+        return None, other
+    except BaseException:
+        os.close(fd)
+        raise
+    # Who holds it, for the skip message of whoever comes next.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd, ""
+
+
+def _release_flock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)  # closing the last descriptor of the open file releases the flock
+
+
+class _RepoInfo(NamedTuple):
+    git_dir: str
+    head: str | None
+
+
+async def _inspect_checkout(repo_dir: str) -> _RepoInfo | str:
+    """The checkout's git dir and HEAD, or a sentence saying why it is not a usable checkout."""
+    if not os.path.isdir(repo_dir):
+        return f"Not pulled: {repo_dir} does not exist or is not a directory."
+    result = await _git(repo_dir, "rev-parse", "--is-inside-work-tree", "--absolute-git-dir")
+    lines = result.stdout.split()
+    if not result.ok or len(lines) < 2 or lines[0] != "true":
+        if "dubious ownership" in result.stderr:
+            return _with_detail(_classify_pull_failure(result.stderr, None), result.stderr)
+        return f"Not pulled: {repo_dir} is not a git checkout."
+    head = await _git(repo_dir, "rev-parse", "--verify", "--quiet", "HEAD")
+    return _RepoInfo(git_dir=lines[1], head=head.stdout.strip() or None if head.ok else None)
+
+
+async def _describe_update(repo_dir: str, old: str | None, new: str | None) -> str:
+    if new is None:
+        return "git pull succeeded, but HEAD cannot be read."
+    if old == new:
+        return f"Already up to date at {new[:7]}."
+    if old is None:
+        return f"Updated to {new[:7]}."
+    span = f"{old}..{new}"
+    count, stat, listing = await asyncio.gather(
+        _git(repo_dir, "rev-list", "--count", span),
+        _git(repo_dir, "diff", "--shortstat", old, new),
+        _git(
+            repo_dir,
+            "log",
+            "--no-color",
+            f"--max-count={_MAX_LISTED_COMMITS}",
+            "--format=%h %s",
+            span,
+        ),
+    )
+    commits = int(count.stdout.strip() or 0) if count.ok else 0
+    files = stat.stdout.strip().split(" ", 1)[0] if stat.ok and stat.stdout.strip() else "0"
+    noun = "commit" if commits == 1 else "commits"
+    file_noun = "file" if files == "1" else "files"
+    lines = [f"Updated {old[:7]} → {new[:7]} ({commits} {noun}, {files} {file_noun} changed)"]
+    lines += listing.stdout.splitlines()[:_MAX_LISTED_COMMITS]
+    if commits > _MAX_LISTED_COMMITS:
+        lines.append(f"… and {commits - _MAX_LISTED_COMMITS} more")
+    return "\n".join(lines)
+
+
+def _index_lock_mtime(git_dir: str) -> float | None:
+    try:
+        return os.stat(os.path.join(git_dir, "index.lock")).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _stale_lock_message(git_dir: str) -> str:
+    lock = os.path.join(git_dir, "index.lock")
+    return (
+        f"Not pulled: {lock} exists, so git cannot update the checkout. Another git process "
+        "may be running; if none is (check with `pgrep -a git`), a crashed one left it: "
+        f"remove it with `rm {lock}` and pull again."
+    )
+
+
+def _clean_index_lock_after_kill(git_dir: str, run_started: float) -> str:
+    """Remove an index.lock that the git we just killed left behind, and say what was done."""
+    mtime = _index_lock_mtime(git_dir)
+    if mtime is None:
+        return ""
+    if mtime + 1.0 < run_started:
+        # Not ours: it predates the run (the pre-check saw none, so this is a race with another
+        # git). Leave it for a human.
+        return "\n" + _stale_lock_message(git_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(git_dir, "index.lock"))
+    return "\nRemoved the index.lock that the stopped git left behind."
+
+
+class _RedisLock:
+    """A fleet-wide pull lock: ``SET NX PX`` with a token, released by compare-and-delete."""
+
+    def __init__(self, redis: Any, key: str, token: str, ttl_ms: int) -> None:
+        self.redis, self.key, self.token, self.ttl_ms = redis, key, token, ttl_ms
+        self.held = False
+
+    async def acquire(self) -> str | None:
+        """None when acquired; else the holder's token. Redis errors propagate."""
+        if await _bounded(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)):
+            self.held = True
+            return None
+        holder = _as_text(await _bounded(self.redis.get(self.key)))
+        return holder.rsplit(":", 1)[0] if holder else "another service"
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            await _bounded(self.redis.eval(_RELEASE_SCRIPT, 1, self.key, self.token))
+        except Exception as exc:  # the TTL frees it anyway; a release must never fail a pull
+            log.warning("could not release pull lock %s: %s", self.key, _describe_error(exc))
+
+
+async def run_git_pull(
+    repo_dir: str | os.PathLike[str],
+    *,
+    redis: Any = None,
+    dedupe: bool = True,
+    lock_ttl: float = 90,
+    instance_id: str = "",
+    timeout: float = 60.0,
+    env_passthrough: Iterable[str] = (),
+) -> PullResult:
+    """Fast-forward the checkout at ``repo_dir`` from its upstream, at most once at a time.
+
+    A non-blocking ``flock`` in the checkout's git dir always guards the pull on this host;
+    with ``redis`` and ``dedupe`` a ``SET NX PX`` lock dedupes across services too. If Redis
+    is down the pull goes ahead under the flock and the summary says so.
+    """
+    if lock_ttl <= timeout + DEFAULT_KILL_GRACE:
+        raise ValueError(
+            f"lock_ttl ({lock_ttl:g}s) must exceed timeout plus the kill grace "
+            f"({timeout:g}s + {DEFAULT_KILL_GRACE:g}s), or the lock could lapse mid-pull"
+        )
+    path = os.path.realpath(repo_dir)
+    info = await _inspect_checkout(path)
+    if isinstance(info, str):
+        return PullResult(ran=False, ok=False, summary=info)
+    holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    lock_fd, other = _try_flock(os.path.join(info.git_dir, _LOCK_FILE_NAME), holder)
+    if lock_fd is None:
+        who = f" ({other})" if other else ""
+        return PullResult(
+            ran=False,
+            ok=True,
+            summary=f"Skipped: another process on this host{who} is already pulling {path}.",
+        )
+    try:
+        return await _pull_under_flock(
+            path, info, redis=redis if dedupe else None, lock_ttl=lock_ttl, holder=holder,
+            timeout=timeout, env_passthrough=tuple(env_passthrough),
+        )  # fmt: skip
+    finally:
+        _release_flock(lock_fd)
+
+
+async def _pull_under_flock(
+    path: str,
+    info: _RepoInfo,
+    *,
+    redis: Any,
+    lock_ttl: float,
+    holder: str,
+    timeout: float,
+    env_passthrough: tuple[str, ...],
+) -> PullResult:
+    note = ""
+    lock: _RedisLock | None = None
+    if redis is not None:
+        token = f"{holder}:{uuid.uuid4().hex}"
+        lock = _RedisLock(redis, pull_lock_key(path), token, int(lock_ttl * 1000))
+        try:
+            other = await lock.acquire()
+        except Exception as exc:
+            lock = None
+            note = (
+                f"\n(dedupe lock unavailable ({_describe_error(exc)}); "
+                "pulled with the host-local lock only)"
+            )
+        else:
+            if other is not None:
+                return PullResult(
+                    ran=False,
+                    ok=True,
+                    summary=f"Skipped: {other} is already pulling {path}.",
+                )
+    try:
+        result = await _run_pull(path, info, timeout, env_passthrough)
+    finally:
+        if lock is not None:
+            await lock.release()
+    return result._replace(summary=result.summary + note)
+
+
+async def _run_pull(
+    path: str, info: _RepoInfo, timeout: float, env_passthrough: tuple[str, ...]
+) -> PullResult:
+    if _index_lock_mtime(info.git_dir) is not None:
+        return PullResult(ran=False, ok=False, summary=_stale_lock_message(info.git_dir))
+    run_started = time.time()
+    result = await run_exec(
+        _PULL_ARGV, cwd=path, env=git_env(passthrough=env_passthrough), timeout=timeout
+    )
+    if result.returncode is None and not result.timed_out:
+        return PullResult(ran=False, ok=False, summary=f"Not pulled: {result.stderr}")
+    if result.timed_out:
+        cleanup = _clean_index_lock_after_kill(info.git_dir, run_started)
+        headline = f"git pull timed out after {timeout:g}s; stopped."
+        return PullResult(
+            ran=True, ok=False, summary=_with_detail(headline + cleanup, result.stderr)
+        )
+    if result.returncode != 0:
+        headline = _classify_pull_failure(result.stderr, result.returncode)
+        return PullResult(ran=True, ok=False, summary=_with_detail(headline, result.stderr))
+    new_head = await _git(path, "rev-parse", "--verify", "--quiet", "HEAD")
+    summary = await _describe_update(path, info.head, new_head.stdout.strip() or None)
+    return PullResult(ran=True, ok=True, summary=redact(summary))
+
+
+# --------------------------------------------------------------------------------------------
+# Cooldowns
+# --------------------------------------------------------------------------------------------
+
+
+class _LocalStore:
+    """Cooldown expiry times (wall clock) in memory or in a JSON file shared by processes."""
+
+    def __init__(self, state_file: str | os.PathLike[str] | None) -> None:
+        self.state_file = Path(state_file) if state_file is not None else None
+        self._memory: dict[str, float] = {}
+
+    def transact(self, update: Callable[[dict[str, float]], T]) -> T:
+        """Apply ``update`` to the stored mapping atomically (also across processes)."""
+        if self.state_file is None:
+            return update(self._memory)
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.state_file.with_name(self.state_file.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = read_json_file(self.state_file)
+            data = {
+                str(k): float(v)
+                for k, v in (raw.items() if isinstance(raw, dict) else ())
+                if isinstance(v, (int, float))
+            }
+            before = dict(data)
+            outcome = update(data)
+            if data != before:
+                atomic_write_json(self.state_file, data)
+            return outcome
+        finally:
+            os.close(fd)
+
+
+class Cooldown:
+    """A per-key cooldown: after a use is recorded, the key is refused for ``seconds``.
+
+    Backed by Redis (``SET NX PX``: atomic, shared by every process, survives restarts) when a
+    client is given; else by a JSON ``state_file`` (survives restarts on one host); else by
+    memory. If Redis errors or does not answer, the local store takes over and a warning is
+    logged: an outage must never block an operator during an incident.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        *,
+        redis: Any = None,
+        state_file: str | os.PathLike[str] | None = None,
+        prefix: str = "sg:control:cooldown",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if seconds < 0:
+            raise ValueError("cooldown seconds must not be negative")
+        self.seconds = seconds
+        self.redis = redis
+        self.prefix = prefix
+        self._clock = clock
+        self._local = _LocalStore(state_file)
+        # Serialises this process's own callers; the file lock serialises other processes.
+        self._lock = asyncio.Lock()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    async def try_acquire(self, key: str) -> float:
+        """0.0 when ``key`` may be used now (and the use is recorded), else seconds remaining."""
+        if self.seconds == 0:
+            return 0.0
+        if self.redis is not None:
+            try:
+                return await self._redis_acquire(key)
+            except Exception as exc:
+                self._warn_fallback("try_acquire", exc)
+        async with self._lock:
+            return await asyncio.to_thread(self._local.transact, self._local_acquire(key))
+
+    async def remaining(self, key: str) -> float:
+        """Seconds until ``key`` may be used again (0.0: now); records nothing."""
+        if self.redis is not None:
+            try:
+                ttl_ms = int(await _bounded(self.redis.pttl(self._key(key))))
+                return max(ttl_ms, 0) / 1000
+            except Exception as exc:
+                self._warn_fallback("remaining", exc)
+        now = self._clock()
+        async with self._lock:
+            expires: float = await asyncio.to_thread(
+                self._local.transact, lambda d: d.get(key, 0.0)
+            )
+        return max(expires - now, 0.0)
+
+    async def release(self, key: str) -> None:
+        """Forget the recorded use of ``key``: for a run that failed without acting."""
+        if self.redis is not None:
+            try:
+                await _bounded(self.redis.delete(self._key(key)))
+            except Exception as exc:
+                self._warn_fallback("release", exc)
+        async with self._lock:
+            await asyncio.to_thread(self._local.transact, lambda d: d.pop(key, None))
+
+    async def _redis_acquire(self, key: str) -> float:
+        name = self._key(key)
+        ttl_ms = max(int(self.seconds * 1000), 1)
+        for _ in range(3):
+            if await _bounded(self.redis.set(name, str(self._clock()), nx=True, px=ttl_ms)):
+                return 0.0
+            left = int(await _bounded(self.redis.pttl(name)))
+            if left > 0:
+                return left / 1000
+            if left == -1:  # a key without expiry (set by hand?): give it one, refuse this use
+                await _bounded(self.redis.pexpire(name, ttl_ms))
+                return self.seconds
+            # -2: it expired between our two calls; try again.
+        return self.seconds
+
+    def _local_acquire(self, key: str) -> Callable[[dict[str, float]], float]:
+        now = self._clock()
+
+        def update(data: dict[str, float]) -> float:
+            for stale in [k for k, expires in data.items() if expires <= now]:
+                del data[stale]
+            if key in data:
+                return data[key] - now
+            data[key] = now + self.seconds
+            return 0.0
+
+        return update
+
+    def _warn_fallback(self, what: str, exc: BaseException) -> None:
+        store = "the state file" if self._local.state_file is not None else "memory"
+        log.warning(
+            "cooldown %s: Redis unavailable (%s); using %s", what, _describe_error(exc), store
+        )
