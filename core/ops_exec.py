@@ -67,6 +67,8 @@ T = TypeVar("T")
 DEFAULT_KILL_GRACE = 2.0
 #: Every call to a Redis server passed in is bounded by this many seconds.
 REDIS_CALL_TIMEOUT = 2.0
+#: After a Redis failure, cooldowns use their local store for this many seconds.
+REDIS_RETRY_AFTER = 15.0
 #: Pipes are enlarged to this size so a chatty child needs fewer wake-ups to drain.
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -1042,6 +1044,12 @@ class Cooldown:
         self._local = _LocalStore(state_file)
         # Serialises this process's own callers; the file lock serialises other processes.
         self._lock = asyncio.Lock()
+        # After a Redis failure, skip Redis for a while so every command during an outage does
+        # not pay the full call timeout again.
+        self._redis_skip_until = 0.0
+
+    def _use_redis(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._redis_skip_until
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
@@ -1050,7 +1058,7 @@ class Cooldown:
         """0.0 when ``key`` may be used now (and the use is recorded), else seconds remaining."""
         if self.seconds == 0:
             return 0.0
-        if self.redis is not None:
+        if self._use_redis():
             try:
                 return await self._redis_acquire(key)
             except Exception as exc:
@@ -1060,7 +1068,7 @@ class Cooldown:
 
     async def remaining(self, key: str) -> float:
         """Seconds until ``key`` may be used again (0.0: now); records nothing."""
-        if self.redis is not None:
+        if self._use_redis():
             try:
                 ttl_ms = int(await _bounded(self.redis.pttl(self._key(key))))
                 return max(ttl_ms, 0) / 1000
@@ -1075,7 +1083,7 @@ class Cooldown:
 
     async def release(self, key: str) -> None:
         """Forget the recorded use of ``key``: for a run that failed without acting."""
-        if self.redis is not None:
+        if self._use_redis():
             try:
                 await _bounded(self.redis.delete(self._key(key)))
             except Exception as exc:
@@ -1112,6 +1120,7 @@ class Cooldown:
         return update
 
     def _warn_fallback(self, what: str, exc: BaseException) -> None:
+        self._redis_skip_until = time.monotonic() + REDIS_RETRY_AFTER
         store = "the state file" if self._local.state_file is not None else "memory"
         log.warning(
             "cooldown %s: Redis unavailable (%s); using %s", what, _describe_error(exc), store

@@ -1,0 +1,162 @@
+"""``Cooldown``: atomic per-key cooldowns in Redis, a state file, or memory; outage fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from core.ops_exec import Cooldown, read_json_file
+from tests.conftest import free_port
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[aioredis.Redis]:
+    """A client pointed at a listener that accepts connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+    try:
+        yield client
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await client.aclose()
+
+
+async def acquire_many(cooldown: Cooldown, key: str, n: int = 50) -> list[float]:
+    return list(await asyncio.gather(*(cooldown.try_acquire(key) for _ in range(n))))
+
+
+async def test_memory_concurrent_calls_admit_exactly_one() -> None:
+    results = await acquire_many(Cooldown(30), "bot_pull")
+    assert results.count(0.0) == 1
+    assert all(0 < r <= 30 for r in results if r)
+
+
+async def test_state_file_concurrent_calls_admit_exactly_one(tmp_path: Path) -> None:
+    results = await acquire_many(Cooldown(30, state_file=tmp_path / "cd.json"), "bot_pull")
+    assert results.count(0.0) == 1
+
+
+async def test_redis_concurrent_calls_admit_exactly_one(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    results = await acquire_many(Cooldown(30, redis=redis_client, prefix=key_prefix), "bot_pull")
+    assert results.count(0.0) == 1
+    assert 29_000 < await redis_client.pttl(f"{key_prefix}:bot_pull") <= 30_000
+
+
+async def test_keys_are_independent() -> None:
+    cooldown = Cooldown(30)
+    assert await cooldown.try_acquire("a") == 0.0
+    assert await cooldown.try_acquire("b") == 0.0
+    assert await cooldown.try_acquire("a") > 0
+
+
+async def test_redis_cooldown_survives_a_restart(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    assert await Cooldown(120, redis=redis_client, prefix=key_prefix).try_acquire("restart") == 0
+    fresh = Cooldown(120, redis=redis_client, prefix=key_prefix)
+    left = await fresh.try_acquire("restart")
+    assert 119 < left <= 120
+    assert 119 < await fresh.remaining("restart") <= 120
+
+
+async def test_state_file_cooldown_survives_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "cooldowns.json"
+    assert await Cooldown(120, state_file=state).try_acquire("restart") == 0
+    assert "restart" in read_json_file(state)
+    left = await Cooldown(120, state_file=state).try_acquire("restart")
+    assert 119 < left <= 120
+
+
+async def test_cooldown_expires() -> None:
+    now = [1000.0]
+    cooldown = Cooldown(10, clock=lambda: now[0])
+    assert await cooldown.try_acquire("k") == 0.0
+    now[0] += 9.5
+    assert await cooldown.try_acquire("k") == pytest.approx(0.5)
+    now[0] += 0.6
+    assert await cooldown.try_acquire("k") == 0.0
+
+
+async def test_state_file_cooldown_expires(tmp_path: Path) -> None:
+    now = [1000.0]
+    state = tmp_path / "cd.json"
+    assert await Cooldown(10, state_file=state, clock=lambda: now[0]).try_acquire("k") == 0.0
+    now[0] += 11
+    assert await Cooldown(10, state_file=state, clock=lambda: now[0]).try_acquire("k") == 0.0
+
+
+@pytest.mark.parametrize("backend", ["memory", "state_file", "redis"])
+async def test_release_lets_the_next_use_through(
+    backend: str, tmp_path: Path, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    kwargs: dict[str, object] = {
+        "memory": {},
+        "state_file": {"state_file": tmp_path / "cd.json"},
+        "redis": {"redis": redis_client, "prefix": key_prefix},
+    }[backend]
+    cooldown = Cooldown(60, **kwargs)  # type: ignore[arg-type]
+    assert await cooldown.try_acquire("pull") == 0.0
+    assert await cooldown.remaining("pull") > 59
+    await cooldown.release("pull")
+    assert await cooldown.remaining("pull") == 0.0
+    assert await cooldown.try_acquire("pull") == 0.0
+
+
+async def test_remaining_records_nothing() -> None:
+    cooldown = Cooldown(60)
+    assert await cooldown.remaining("k") == 0.0
+    assert await cooldown.try_acquire("k") == 0.0
+
+
+async def test_redis_down_falls_back_to_the_state_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    state = tmp_path / "cd.json"
+    cooldown = Cooldown(60, redis=down, state_file=state)
+    with caplog.at_level(logging.WARNING, logger="admin_ops.ops_exec"):
+        assert await cooldown.try_acquire("pull") == 0.0
+        started = time.monotonic()
+        assert await cooldown.try_acquire("pull") > 50
+    # The second call skipped the Redis it had just seen fail, instead of waiting on it again.
+    assert time.monotonic() - started < 1
+    assert caplog.text.count("Redis unavailable") == 1
+    assert "pull" in read_json_file(state)
+    await down.aclose()
+
+
+async def test_redis_that_never_answers_does_not_block_the_operator(
+    silent_redis: aioredis.Redis,
+) -> None:
+    cooldown = Cooldown(60, redis=silent_redis)
+    started = time.monotonic()
+    assert await cooldown.try_acquire("pull") == 0.0
+    # Bounded by the ~2 s Redis call limit, not by the client's 30 s socket timeout.
+    assert time.monotonic() - started < 2 + 1
+    assert await cooldown.try_acquire("pull") > 0
+
+
+def test_negative_seconds_are_refused() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        Cooldown(-1)
+
+
+async def test_zero_seconds_never_refuses() -> None:
+    cooldown = Cooldown(0)
+    assert [await cooldown.try_acquire("k") for _ in range(3)] == [0.0, 0.0, 0.0]

@@ -1,0 +1,43 @@
+"""``redact``: credentials in URLs, token shapes and exact secret values disappear."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.ops_exec import redact
+
+DISCORD_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("https://user:tok@host/x.git", "https://***@host/x.git"),
+        ("fatal: unable to access 'https://bot:s3cr3t@git.example/x/'",
+         "fatal: unable to access 'https://***@git.example/x/'"),
+        ("redis://:pw@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+        ("ssh://git@host/x", "ssh://***@host/x"),
+        ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789 here", "token *** here"),
+        ("github_pat_11ABCDEFG0abcdefghijkl_mnopqrstuvwxyzABCDEFGHIJ", "***"),
+        ("key AKIAIOSFODNN7EXAMPLE!", "key ***!"),
+        (f"Bot {DISCORD_TOKEN}.", "Bot ***."),
+        ("plain text stays", "plain text stays"),
+        ("git@github.com:org/repo.git", "git@github.com:org/repo.git"),
+    ],
+)  # fmt: skip
+def test_shapes_are_redacted(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_exact_secrets_are_removed_longest_first() -> None:
+    text = "pass=hunter2hunter2 and hunter2"
+    assert redact(text, ["hunter2", "hunter2hunter2"]) == "pass=*** and ***"
+
+
+def test_empty_and_tiny_secrets_do_not_shred_text() -> None:
+    assert redact("a normal sentence", ["", "a"]) == "a normal sentence"
+
+
+def test_redaction_is_idempotent() -> None:
+    once = redact(f"https://u:p@h {DISCORD_TOKEN}", ["p@h"])
+    assert redact(once) == once
