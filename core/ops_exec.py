@@ -218,8 +218,9 @@ def _enlarge_pipes(transport: asyncio.SubprocessTransport) -> None:
         fileobj = pipe.get_extra_info("pipe") if pipe is not None else None
         if fileobj is None:
             continue
-        # Only a speed-up: a kernel that refuses (pipe-max-size) still works at the default size.
-        with contextlib.suppress(OSError):
+        # Only a speed-up: a kernel that refuses (pipe-max-size) still works at the default
+        # size, and a fast child may already have closed the pipe (ValueError on fileno()).
+        with contextlib.suppress(OSError, ValueError):
             fcntl.fcntl(fileobj.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
 
 

@@ -181,7 +181,7 @@ class GitRepos:
 
 @pytest.fixture
 def git_repos(tmp_path: Path, isolated_home: Path) -> GitRepos:
-    """Real repositories in tmp: the checkout under test (``clone``) is one commit behind nothing."""
+    """Real repositories in tmp: ``clone`` (under test) and ``work`` both track ``origin``."""
     origin = tmp_path / "origin.git"
     git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
     work = tmp_path / "work"
