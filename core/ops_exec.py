@@ -781,7 +781,8 @@ async def _inspect_checkout(repo_dir: str) -> _RepoInfo | str:
     if not os.path.isdir(repo_dir):
         return f"Not pulled: {repo_dir} does not exist or is not a directory."
     result = await _git(repo_dir, "rev-parse", "--is-inside-work-tree", "--absolute-git-dir")
-    lines = result.stdout.split()
+    # One value per line: a path may contain spaces ("/srv/my app/.git").
+    lines = result.stdout.splitlines()
     if not result.ok or len(lines) < 2 or lines[0] != "true":
         if "dubious ownership" in result.stderr:
             return _with_detail(_classify_pull_failure(result.stderr, None), result.stderr)
@@ -833,7 +834,7 @@ def _stale_lock_message(git_dir: str) -> str:
     return (
         f"Not pulled: {lock} exists, so git cannot update the checkout. Another git process "
         "may be running; if none is (check with `pgrep -a git`), a crashed one left it: "
-        f"remove it with `rm {lock}` and pull again."
+        f"remove it with `rm {shlex.quote(lock)}` and pull again."
     )
 
 
@@ -897,12 +898,38 @@ async def run_git_pull(
             f"lock_ttl ({lock_ttl:g}s) must exceed timeout plus the kill grace "
             f"({timeout:g}s + {DEFAULT_KILL_GRACE:g}s), or the lock could lapse mid-pull"
         )
+    result = await _pull_checkout(
+        repo_dir, redis=redis if dedupe else None, lock_ttl=lock_ttl, instance_id=instance_id,
+        timeout=timeout, env_passthrough=tuple(env_passthrough),
+    )  # fmt: skip
+    # Redacted once more here so that no summary escapes it, including those that echo the
+    # caller's path (an operator may paste a clone URL with a token where a path belongs).
+    return result._replace(summary=redact(result.summary))
+
+
+async def _pull_checkout(
+    repo_dir: str | os.PathLike[str],
+    *,
+    redis: Any,
+    lock_ttl: float,
+    instance_id: str,
+    timeout: float,
+    env_passthrough: tuple[str, ...],
+) -> PullResult:
     path = os.path.realpath(repo_dir)
     info = await _inspect_checkout(path)
     if isinstance(info, str):
         return PullResult(ran=False, ok=False, summary=info)
     holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    lock_fd, other = _try_flock(os.path.join(info.git_dir, _LOCK_FILE_NAME), holder)
+    lock_path = os.path.join(info.git_dir, _LOCK_FILE_NAME)
+    try:
+        lock_fd, other = _try_flock(lock_path, holder)
+    except OSError as exc:  # a read-only mount, a foreign owner, something else in its place
+        return PullResult(
+            ran=False,
+            ok=False,
+            summary=f"Not pulled: cannot open the pull lock {lock_path}: {exc.strerror or exc}.",
+        )
     if lock_fd is None:
         who = f" ({other})" if other else ""
         return PullResult(
@@ -912,8 +939,8 @@ async def run_git_pull(
         )
     try:
         return await _pull_under_flock(
-            path, info, redis=redis if dedupe else None, lock_ttl=lock_ttl, holder=holder,
-            timeout=timeout, env_passthrough=tuple(env_passthrough),
+            path, info, redis=redis, lock_ttl=lock_ttl, holder=holder, timeout=timeout,
+            env_passthrough=env_passthrough,
         )  # fmt: skip
     finally:
         _release_flock(lock_fd)
@@ -929,7 +956,7 @@ async def _pull_under_flock(
     timeout: float,
     env_passthrough: tuple[str, ...],
 ) -> PullResult:
-    note = ""
+    lock_error = ""
     lock: _RedisLock | None = None
     if redis is not None:
         token = f"{holder}:{uuid.uuid4().hex}"
@@ -937,11 +964,7 @@ async def _pull_under_flock(
         try:
             other = await lock.acquire()
         except Exception as exc:
-            lock = None
-            note = (
-                f"\n(dedupe lock unavailable ({_describe_error(exc)}); "
-                "pulled with the host-local lock only)"
-            )
+            lock, lock_error = None, _describe_error(exc)
         else:
             if other is not None:
                 return PullResult(
@@ -954,7 +977,12 @@ async def _pull_under_flock(
     finally:
         if lock is not None:
             await lock.release()
-    return result._replace(summary=result.summary + note)
+    if not lock_error:
+        return result
+    outcome = "pulled with the host-local lock only" if result.ran else "nothing was pulled"
+    return result._replace(
+        summary=f"{result.summary}\n(dedupe lock unavailable ({lock_error}); {outcome})"
+    )
 
 
 async def _run_pull(
