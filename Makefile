@@ -35,7 +35,7 @@ lint: $(STAMP_DEV)
 
 bench: $(STAMP_DEV)
 	bash scripts/ensure-redis-server
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

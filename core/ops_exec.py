@@ -224,8 +224,20 @@ def _enlarge_pipes(transport: asyncio.SubprocessTransport) -> None:
             fcntl.fcntl(fileobj.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
 
 
-def _live_group_members(pgid: int) -> bool:
-    """Whether any non-zombie process is in process group ``pgid``.
+def _is_live_member(pid: int, pgid: int) -> bool:
+    """Whether ``pid`` is a process of group ``pgid`` that is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return False
+    # The command name may contain spaces and parentheses; fields resume after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
+
+
+def _group_member_pids(pgid: int) -> list[int] | None:
+    """The live (non-zombie) members of group ``pgid``; None when that cannot be told.
 
     ``killpg(pgid, 0)`` also succeeds for zombies waiting for init to reap them, which are
     already dead for our purposes, so /proc is consulted to tell the two apart.
@@ -233,26 +245,19 @@ def _live_group_members(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
+        return []
     except PermissionError:
-        return True
+        return None
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return True
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat_file:
-                stat = stat_file.read()
-        except OSError:
-            continue
-        # The command name may contain spaces and parentheses; fields resume after the last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+        return None
+    return [int(e) for e in entries if e.isdigit() and _is_live_member(int(e), pgid)]
+
+
+def _live_group_members(pgid: int) -> bool:
+    """Whether any non-zombie process is in process group ``pgid``."""
+    return _group_member_pids(pgid) != []
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -266,9 +271,16 @@ async def _wait_group_gone(pgid: int, seconds: float) -> bool:
     There is no event for "a process that is not our child has died", so this polls.
     """
     deadline = time.monotonic() + seconds
+    known: list[int] = []
     while True:
-        if not _live_group_members(pgid):
-            return True
+        # While a member found by the last full scan lives, the group is not gone: checking
+        # those few PIDs costs microseconds; a full /proc scan costs about a millisecond.
+        known = [pid for pid in known if _is_live_member(pid, pgid)]
+        if not known:
+            members = _group_member_pids(pgid)
+            if members == []:
+                return True
+            known = members or []
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -359,9 +371,9 @@ async def run_exec(
         return _spawn_failure(args, workdir, exc, started)
 
     pgid = transport.get_pid()
-    _enlarge_pipes(transport)
     timed_out = False
     try:
+        _enlarge_pipes(transport)
         if not await _wait_first(protocol.exited, timeout - (time.monotonic() - started)):
             timed_out = True
             await _stop_group(pgid, kill_grace)
@@ -780,15 +792,41 @@ async def _inspect_checkout(repo_dir: str) -> _RepoInfo | str:
     """The checkout's git dir and HEAD, or a sentence saying why it is not a usable checkout."""
     if not os.path.isdir(repo_dir):
         return f"Not pulled: {repo_dir} does not exist or is not a directory."
-    result = await _git(repo_dir, "rev-parse", "--is-inside-work-tree", "--absolute-git-dir")
+    # One git process for the work-tree test, the git dir and HEAD; with an unborn HEAD it
+    # exits 1 after printing the first two.
+    result = await _git(
+        repo_dir, "rev-parse", "--is-inside-work-tree", "--absolute-git-dir",
+        "--verify", "--quiet", "HEAD",
+    )  # fmt: skip
     # One value per line: a path may contain spaces ("/srv/my app/.git").
     lines = result.stdout.splitlines()
-    if not result.ok or len(lines) < 2 or lines[0] != "true":
+    if result.returncode not in (0, 1) or len(lines) < 2 or lines[0] != "true":
         if "dubious ownership" in result.stderr:
             return _with_detail(_classify_pull_failure(result.stderr, None), result.stderr)
         return f"Not pulled: {repo_dir} is not a git checkout."
-    head = await _git(repo_dir, "rev-parse", "--verify", "--quiet", "HEAD")
-    return _RepoInfo(git_dir=lines[1], head=head.stdout.strip() or None if head.ok else None)
+    head = lines[2].strip() if result.returncode == 0 and len(lines) > 2 else None
+    return _RepoInfo(git_dir=lines[1], head=head or None)
+
+
+def _quick_git_dir(path: str) -> str | None:
+    """The git dir of a checkout whose top level is ``path``, found without running git."""
+    dot_git = os.path.join(path, ".git")
+    try:
+        st = os.stat(dot_git)
+    except OSError:
+        return None
+    if st.st_uid != os.geteuid():
+        return None  # let git judge ownership (safe.directory) before we create anything there
+    if os.path.isdir(dot_git):
+        return os.path.realpath(dot_git)
+    try:  # linked worktrees and submodules have a file: "gitdir: <path>"
+        with open(dot_git, encoding="utf-8") as gitfile:
+            line = gitfile.readline().strip()
+    except OSError:
+        return None
+    if not line.startswith("gitdir: "):
+        return None
+    return os.path.realpath(os.path.join(path, line.removeprefix("gitdir: ")))
 
 
 async def _describe_update(repo_dir: str, old: str | None, new: str | None) -> str:
@@ -917,11 +955,17 @@ async def _pull_checkout(
     env_passthrough: tuple[str, ...],
 ) -> PullResult:
     path = os.path.realpath(repo_dir)
-    info = await _inspect_checkout(path)
-    if isinstance(info, str):
-        return PullResult(ran=False, ok=False, summary=info)
     holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    lock_path = os.path.join(info.git_dir, _LOCK_FILE_NAME)
+    # Take the host-local lock before running any git when the git dir is evident: a caller
+    # that loses costs an open() and a flock(), not a git process.
+    info: _RepoInfo | None = None
+    git_dir = _quick_git_dir(path)
+    if git_dir is None:
+        inspected = await _inspect_checkout(path)
+        if isinstance(inspected, str):
+            return PullResult(ran=False, ok=False, summary=inspected)
+        info, git_dir = inspected, os.path.realpath(inspected.git_dir)
+    lock_path = os.path.join(git_dir, _LOCK_FILE_NAME)
     try:
         lock_fd, other = _try_flock(lock_path, holder)
     except OSError as exc:  # a read-only mount, a foreign owner, something else in its place
@@ -938,6 +982,11 @@ async def _pull_checkout(
             summary=f"Skipped: another process on this host{who} is already pulling {path}.",
         )
     try:
+        if info is None:
+            inspected = await _inspect_checkout(path)
+            if isinstance(inspected, str):
+                return PullResult(ran=False, ok=False, summary=inspected)
+            info = inspected
         return await _pull_under_flock(
             path, info, redis=redis, lock_ttl=lock_ttl, holder=holder, timeout=timeout,
             env_passthrough=env_passthrough,
