@@ -75,7 +75,7 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: After the direct child exits, how long to wait for its pipes to reach end-of-file.
 _DRAIN_WINDOW = 0.1
 #: After SIGKILL, how long to wait for the group to disappear before giving up.
-_KILL_WAIT = 0.5
+_KILL_WAIT = 0.4
 #: How much of a failing command's stderr a summary quotes.
 _SUMMARY_STDERR_CHARS = 1500
 
@@ -87,8 +87,9 @@ _SUMMARY_STDERR_CHARS = 1500
 _ANSI_ESCAPE = re.compile(
     r"""
     \x1b\[[0-?]*[ -/]*[@-~]               # CSI sequences: colours, cursor movement
-    | \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?  # OSC sequences: titles, hyperlinks
-    | \x1b[PX^_][^\x1b]*(?:\x1b\\)?       # DCS / SOS / PM / APC strings
+    | \x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)  # OSC sequences: titles, hyperlinks
+    | \x1b[PX^_][^\x1b\n]*\x1b\\          # DCS / SOS / PM / APC strings
+    # An unterminated one loses only its introducer (below), never the text after it.
     | \x1b[ -/]*[0-~]?                    # any other escape (two-character and lone ESC)
     """,
     re.VERBOSE,
@@ -106,7 +107,9 @@ def sanitize_output(data: bytes) -> str:
     return _UNSAFE_CHARS.sub("", _ANSI_ESCAPE.sub("", text))
 
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/\s@]*@")
+# Up to the last '@' of the URL: passwords may contain '@' and '/' when not percent-encoded.
+# Over-redacting a path that contains '@' is the lesser evil.
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^\s'\"<>]*@")
 _TOKEN_SHAPES = (
     # Discord bot tokens: base64 user id, timestamp, HMAC.
     re.compile(r"\b[A-Za-z0-9_\-]{23,28}\.[A-Za-z0-9_\-]{6,7}\.[A-Za-z0-9_\-]{27,}"),
@@ -369,6 +372,8 @@ async def run_exec(
         )
     except OSError as exc:
         return _spawn_failure(args, workdir, exc, started)
+    except ValueError as exc:  # an embedded NUL byte: no program can receive it
+        return ExecResult(args, None, "", f"cannot run {args[0]!r}: {exc}", False, False, 0.0)
 
     pgid = transport.get_pid()
     timed_out = False
@@ -477,7 +482,8 @@ _UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\@-]+")
 
 
 def _describe(name: str) -> str:
-    shown = repr(name)
+    # Redacted before it is cut short, so that a token pasted as a unit name is still matched.
+    shown = repr(redact(name))
     return shown if len(shown) <= 60 else shown[:57] + "…'"
 
 
@@ -529,11 +535,13 @@ def systemctl_argv() -> list[str]:
 
 def _systemctl_failure(unit: str, verb: str, result: ExecResult, timeout: float) -> str:
     if result.timed_out:
-        return f"systemctl {verb} {unit} timed out after {timeout:g}s"
-    if result.returncode is None:
-        return f"could not run systemctl: {result.stderr}"
-    detail = _cap(redact(result.stderr or result.stdout)) or "no output"
-    return f"systemctl {verb} {unit} failed (exit {result.returncode}): {detail}"
+        text = f"systemctl {verb} {unit} timed out after {timeout:g}s"
+    elif result.returncode is None:
+        text = f"could not run systemctl: {result.stderr}"
+    else:
+        detail = _cap(result.stderr or result.stdout) or "no output"
+        text = f"systemctl {verb} {unit} failed (exit {result.returncode}): {detail}"
+    return redact(text)
 
 
 async def systemctl_restart(service: str, timeout: float = 20.0) -> tuple[bool, str]:
@@ -549,7 +557,7 @@ async def systemctl_restart(service: str, timeout: float = 20.0) -> tuple[bool, 
     argv = [*systemctl_argv(), "--no-ask-password", "restart", "--", unit]
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
-        return True, f"restarted {unit}"
+        return True, redact(f"restarted {unit}")
     return False, _systemctl_failure(unit, "restart", result, timeout)
 
 
@@ -568,7 +576,7 @@ async def deferred_systemctl_restart(service: str, *, delay: float = 1.0) -> tup
     timeout = 10.0
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
-        return True, f"restart of {unit} requested"
+        return True, redact(f"restart of {unit} requested")
     return False, _systemctl_failure(unit, "restart", result, timeout)
 
 
@@ -771,9 +779,11 @@ def _try_flock(lock_path: str, holder: str) -> tuple[int | None, str]:
     except BaseException:
         os.close(fd)
         raise
-    # Who holds it, for the skip message of whoever comes next.
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, holder.encode(), 0)
+    # Who holds it, for the skip message of whoever comes next. Only a courtesy: a full disk
+    # must not turn into a lock that is never released.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
     return fd, ""
 
 
@@ -876,18 +886,51 @@ def _stale_lock_message(git_dir: str) -> str:
     )
 
 
-def _clean_index_lock_after_kill(git_dir: str, run_started: float) -> str:
-    """Remove an index.lock that the git we just killed left behind, and say what was done."""
+def _other_process_inside(path: str) -> bool:
+    """Whether a process other than this one has its working directory inside ``path``.
+
+    Such a process may be a git of someone else's (an operator's ``git commit`` waiting in its
+    editor) that owns the index.lock we are looking at.
+    """
+    me = os.getpid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # cannot tell: assume the worst, leave the lock alone
+    prefix = path.rstrip("/") + "/"
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == path or cwd.startswith(prefix):
+            return True
+    return False
+
+
+def _clean_index_lock_after_kill(
+    path: str, git_dir: str, run_started: float, result: ExecResult
+) -> str:
+    """Remove an index.lock that the git we killed left behind, and say what was done.
+
+    git removes its own lock on SIGTERM, so a lock is ours to remove only when git needed
+    SIGKILL, the lock appeared during the run, and no other process works in the checkout.
+    """
     mtime = _index_lock_mtime(git_dir)
     if mtime is None:
         return ""
-    if mtime + 1.0 < run_started:
-        # Not ours: it predates the run (the pre-check saw none, so this is a race with another
-        # git). Leave it for a human.
+    ours = (
+        result.returncode == -signal.SIGKILL
+        and mtime + 1.0 >= run_started
+        and not _other_process_inside(path)
+    )
+    if not ours:
         return "\n" + _stale_lock_message(git_dir)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(git_dir, "index.lock"))
-    return "\nRemoved the index.lock that the stopped git left behind."
+    return "\nRemoved the index.lock that the killed git left behind."
 
 
 class _RedisLock:
@@ -898,11 +941,17 @@ class _RedisLock:
         self.held = False
 
     async def acquire(self) -> str | None:
-        """None when acquired; else the holder's token. Redis errors propagate."""
+        """None when acquired; else who holds it. Redis errors propagate."""
+        # Counted as held before the reply: a SET whose reply is lost may still have landed,
+        # and release() only ever deletes our own token.
+        self.held = True
         if await _bounded(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)):
-            self.held = True
             return None
-        holder = _as_text(await _bounded(self.redis.get(self.key)))
+        self.held = False
+        try:
+            holder = _as_text(await _bounded(self.redis.get(self.key)))
+        except Exception:  # someone holds it; who exactly is only for the message
+            holder = ""
         return holder.rsplit(":", 1)[0] if holder else "another service"
 
     async def release(self) -> None:
@@ -954,6 +1003,8 @@ async def _pull_checkout(
     timeout: float,
     env_passthrough: tuple[str, ...],
 ) -> PullResult:
+    if "\x00" in os.fspath(repo_dir):
+        return PullResult(ran=False, ok=False, summary="Not pulled: the path contains a NUL byte.")
     path = os.path.realpath(repo_dir)
     holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
     # Take the host-local lock before running any git when the git dir is evident: a caller
@@ -1013,7 +1064,7 @@ async def _pull_under_flock(
         try:
             other = await lock.acquire()
         except Exception as exc:
-            lock, lock_error = None, _describe_error(exc)
+            lock_error = _describe_error(exc)
         else:
             if other is not None:
                 return PullResult(
@@ -1046,7 +1097,7 @@ async def _run_pull(
     if result.returncode is None and not result.timed_out:
         return PullResult(ran=False, ok=False, summary=f"Not pulled: {result.stderr}")
     if result.timed_out:
-        cleanup = _clean_index_lock_after_kill(info.git_dir, run_started)
+        cleanup = _clean_index_lock_after_kill(path, info.git_dir, run_started, result)
         headline = f"git pull timed out after {timeout:g}s; stopped."
         return PullResult(
             ran=True, ok=False, summary=_with_detail(headline + cleanup, result.stderr)
@@ -1064,22 +1115,30 @@ async def _run_pull(
 # --------------------------------------------------------------------------------------------
 
 
+#: How long a cooldown waits for another process's hold on the state file before using memory.
+_STATE_LOCK_WAIT = 2.0
+
+
 class _LocalStore:
     """Cooldown expiry times (wall clock) in memory or in a JSON file shared by processes."""
 
     def __init__(self, state_file: str | os.PathLike[str] | None) -> None:
         self.state_file = Path(state_file) if state_file is not None else None
-        self._memory: dict[str, float] = {}
+        self.memory: dict[str, float] = {}
 
     def transact(self, update: Callable[[dict[str, float]], T]) -> T:
-        """Apply ``update`` to the stored mapping atomically (also across processes)."""
+        """Apply ``update`` to the stored mapping atomically (also across processes).
+
+        Raises OSError when the state file cannot be used, TimeoutError when another process
+        holds it for longer than ``_STATE_LOCK_WAIT`` (a stopped or stuck peer).
+        """
         if self.state_file is None:
-            return update(self._memory)
+            return update(self.memory)
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.state_file.with_name(self.state_file.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock_with_deadline(fd, _STATE_LOCK_WAIT)
             raw = read_json_file(self.state_file)
             data = {
                 str(k): float(v)
@@ -1095,13 +1154,29 @@ class _LocalStore:
             os.close(fd)
 
 
+def _flock_with_deadline(fd: int, seconds: float) -> None:
+    """Take an exclusive flock, polling (this runs in a worker thread) for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"state file lock held for over {seconds:g}s") from None
+            time.sleep(0.005)
+
+
 class Cooldown:
     """A per-key cooldown: after a use is recorded, the key is refused for ``seconds``.
 
-    Backed by Redis (``SET NX PX``: atomic, shared by every process, survives restarts) when a
-    client is given; else by a JSON ``state_file`` (survives restarts on one host); else by
-    memory. If Redis errors or does not answer, the local store takes over and a warning is
-    logged: an outage must never block an operator during an incident.
+    Every use is recorded in the local store: a JSON ``state_file`` (survives restarts on one
+    host) or memory. With a Redis client the use is also claimed with ``SET NX PX`` (atomic,
+    shared by every process, survives restarts). A key is refused if either store refuses it,
+    so a use recorded while Redis was down still counts once it is back, and a use seen in
+    Redis still counts if it goes down. If Redis errors or does not answer within about 2 s,
+    the local store decides alone and a warning is logged: an outage must never block an
+    operator during an incident.
     """
 
     def __init__(
@@ -1119,12 +1194,52 @@ class Cooldown:
         self.redis = redis
         self.prefix = prefix
         self._clock = clock
-        self._local = _LocalStore(state_file)
+        self._store = _LocalStore(state_file)
         # Serialises this process's own callers; the file lock serialises other processes.
         self._lock = asyncio.Lock()
         # After a Redis failure, skip Redis for a while so every command during an outage does
         # not pay the full call timeout again.
         self._redis_skip_until = 0.0
+
+    async def try_acquire(self, key: str) -> float:
+        """0.0 when ``key`` may be used now (and the use is recorded), else seconds remaining."""
+        if self.seconds == 0:
+            return 0.0
+        left = await self._local(self._local_acquire(key))
+        if left or not self._use_redis():
+            return left
+        try:
+            left = await asyncio.wait_for(self._redis_acquire(key), REDIS_CALL_TIMEOUT)
+        except Exception as exc:
+            self._warn_fallback("try_acquire", exc)
+            return 0.0
+        if left:
+            # Another process holds it: remember its expiry here too, for outages to come.
+            until = self._clock() + left
+            await self._local(lambda data: data.__setitem__(key, until))
+        return left
+
+    async def remaining(self, key: str) -> float:
+        """Seconds until ``key`` may be used again (0.0: now); records nothing."""
+        now = self._clock()
+        expires: float = await self._local(lambda data: data.get(key, 0.0))
+        left = max(expires - now, 0.0)
+        if self._use_redis():
+            try:
+                ttl_ms = int(await _bounded(self.redis.pttl(self._key(key))))
+                left = max(left, ttl_ms / 1000)
+            except Exception as exc:
+                self._warn_fallback("remaining", exc)
+        return left
+
+    async def release(self, key: str) -> None:
+        """Forget the recorded use of ``key``: for a run that failed without acting."""
+        await self._local(lambda data: data.pop(key, None))
+        if self._use_redis():
+            try:
+                await _bounded(self.redis.delete(self._key(key)))
+            except Exception as exc:
+                self._warn_fallback("release", exc)
 
     def _use_redis(self) -> bool:
         return self.redis is not None and time.monotonic() >= self._redis_skip_until
@@ -1132,42 +1247,13 @@ class Cooldown:
     def _key(self, key: str) -> str:
         return f"{self.prefix}:{key}"
 
-    async def try_acquire(self, key: str) -> float:
-        """0.0 when ``key`` may be used now (and the use is recorded), else seconds remaining."""
-        if self.seconds == 0:
-            return 0.0
-        if self._use_redis():
-            try:
-                return await self._redis_acquire(key)
-            except Exception as exc:
-                self._warn_fallback("try_acquire", exc)
+    async def _local(self, update: Callable[[dict[str, float]], T]) -> T:
         async with self._lock:
-            return await asyncio.to_thread(self._local.transact, self._local_acquire(key))
-
-    async def remaining(self, key: str) -> float:
-        """Seconds until ``key`` may be used again (0.0: now); records nothing."""
-        if self._use_redis():
             try:
-                ttl_ms = int(await _bounded(self.redis.pttl(self._key(key))))
-                return max(ttl_ms, 0) / 1000
-            except Exception as exc:
-                self._warn_fallback("remaining", exc)
-        now = self._clock()
-        async with self._lock:
-            expires: float = await asyncio.to_thread(
-                self._local.transact, lambda d: d.get(key, 0.0)
-            )
-        return max(expires - now, 0.0)
-
-    async def release(self, key: str) -> None:
-        """Forget the recorded use of ``key``: for a run that failed without acting."""
-        if self._use_redis():
-            try:
-                await _bounded(self.redis.delete(self._key(key)))
-            except Exception as exc:
-                self._warn_fallback("release", exc)
-        async with self._lock:
-            await asyncio.to_thread(self._local.transact, lambda d: d.pop(key, None))
+                return await asyncio.to_thread(self._store.transact, update)
+            except (OSError, TimeoutError) as exc:
+                log.warning("cooldown state file unusable (%s); using memory", exc)
+                return update(self._store.memory)
 
     async def _redis_acquire(self, key: str) -> float:
         name = self._key(key)
@@ -1199,7 +1285,7 @@ class Cooldown:
 
     def _warn_fallback(self, what: str, exc: BaseException) -> None:
         self._redis_skip_until = time.monotonic() + REDIS_RETRY_AFTER
-        store = "the state file" if self._local.state_file is not None else "memory"
+        store = "the state file" if self._store.state_file is not None else "memory"
         log.warning(
             "cooldown %s: Redis unavailable (%s); using %s", what, _describe_error(exc), store
         )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -160,3 +164,107 @@ def test_negative_seconds_are_refused() -> None:
 async def test_zero_seconds_never_refuses() -> None:
     cooldown = Cooldown(0)
     assert [await cooldown.try_acquire("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+
+
+MULTIPROCESS_HARNESS = r"""
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from core.ops_exec import Cooldown
+
+async def main():
+    cooldown = Cooldown(60, state_file=sys.argv[2])
+    results = await asyncio.gather(*(cooldown.try_acquire("bot_pull") for _ in range(20)))
+    print(sum(1 for r in results if r == 0.0))
+
+asyncio.run(main())
+"""
+
+
+def test_state_file_admits_exactly_one_across_processes(tmp_path: Path) -> None:
+    # Within one process the asyncio lock serialises callers; across processes only the
+    # file lock does, so several interpreters race on one state file here.
+    root = str(Path(__file__).resolve().parents[2])
+    state = str(tmp_path / "cd.json")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTIPROCESS_HARNESS, root, state],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    admitted = [int(proc.communicate(timeout=60)[0]) for proc in procs]
+    assert sum(admitted) == 1, admitted
+
+
+async def test_state_file_held_by_a_stuck_peer_falls_back_to_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "cd.json"
+    lock = os.open(f"{state}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a peer that took the lock and stopped
+    try:
+        cooldown = Cooldown(60, state_file=state)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="admin_ops.ops_exec"):
+            assert await cooldown.try_acquire("k") == 0.0
+        assert time.monotonic() - started < 2 + 1
+        assert "state file unusable" in caplog.text
+    finally:
+        os.close(lock)
+
+
+class FlakyRedis:
+    """Wraps a real client; while ``down``, every call fails as if Redis were unreachable."""
+
+    def __init__(self, real: aioredis.Redis) -> None:
+        self.real = real
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.real, name)
+
+        async def call(*args: object, **kwargs: object) -> object:
+            if self.down:
+                raise ConnectionError("Redis is down (simulated)")
+            return await method(*args, **kwargs)
+
+        return call
+
+
+async def test_use_recorded_in_redis_still_counts_during_an_outage(
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky = FlakyRedis(redis_client)
+    state = tmp_path / "cd.json"
+    first = Cooldown(60, redis=flaky, prefix=key_prefix, state_file=state)
+    assert await first.try_acquire("k") == 0.0
+    flaky.down = True
+    assert await Cooldown(60, redis=flaky, prefix=key_prefix, state_file=state).try_acquire("k")
+
+
+async def test_use_recorded_during_an_outage_still_counts_when_redis_is_back(
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky = FlakyRedis(redis_client)
+    state = tmp_path / "cd.json"
+    flaky.down = True
+    assert (
+        await Cooldown(60, redis=flaky, prefix=key_prefix, state_file=state).try_acquire("k") == 0
+    )
+    flaky.down = False
+    assert await Cooldown(60, redis=flaky, prefix=key_prefix, state_file=state).try_acquire("k")
+
+
+async def test_use_seen_in_redis_from_another_host_is_mirrored_locally(
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    other_host = Cooldown(60, redis=redis_client, prefix=key_prefix, state_file=tmp_path / "a")
+    assert await other_host.try_acquire("k") == 0.0
+    flaky = FlakyRedis(redis_client)
+    here = Cooldown(60, redis=flaky, prefix=key_prefix, state_file=tmp_path / "b")
+    assert await here.try_acquire("k") > 59
+    flaky.down = True
+    assert await Cooldown(
+        60, redis=flaky, prefix=key_prefix, state_file=tmp_path / "b"
+    ).try_acquire("k")

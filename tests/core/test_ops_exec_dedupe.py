@@ -242,3 +242,32 @@ async def test_unavailable_redis_pulls_once_with_the_flock_only(
     assert git_repos.head() == new_head
     # One bounded Redis call, then a pull that itself is bounded by the timeout.
     assert elapsed < REDIS_CALL_TIMEOUT + TIMEOUT + 3
+
+
+class LostReplyRedis:
+    """Passes calls to a real client, but the reply to SET is lost after the SET has landed."""
+
+    def __init__(self, real: aioredis.Redis) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def set(self, *args: Any, **kwargs: Any) -> Any:
+        await self.real.set(*args, **kwargs)
+        raise ConnectionError("connection reset while reading the reply (simulated)")
+
+
+async def test_a_lock_whose_reply_was_lost_is_still_released(
+    counted_clone: tuple[Path, Path, str], redis_client: aioredis.Redis
+) -> None:
+    clone, counter, new_head = counted_clone
+    result = await run_git_pull(
+        clone, redis=LostReplyRedis(redis_client), timeout=TIMEOUT, lock_ttl=LOCK_TTL
+    )
+    assert (result.ran, result.ok) == (True, True)
+    assert count_fetches(counter) == 1
+    assert git(clone, "rev-parse", "HEAD") == new_head
+    assert "dedupe lock unavailable" in result.summary
+    # The SET did land; our compare-and-delete removed it, so the next pull is not blocked.
+    assert await redis_client.exists(pull_lock_key(clone)) == 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from core.ops_exec import (
     DEFAULT_KILL_GRACE,
     GIT_ENV_ALLOWLIST,
     GIT_ENV_FIXED,
+    ExecResult,
+    _clean_index_lock_after_kill,
     git_env,
     pull_lock_key,
     run_exec,
@@ -561,3 +565,81 @@ def test_pull_lock_key_normalises_the_path(tmp_path: Path) -> None:
     assert pull_lock_key("/srv/app", hostname="web-1", prefix="fleet") == (
         f"fleet:pull:web-1:{os.path.realpath('/srv/app')}"
     )
+
+
+async def test_repo_configured_credential_helper_and_askpass_never_run(
+    git_repos: GitRepos, tmp_path: Path, http_auth_wall: str
+) -> None:
+    # A checkout's own config may name a credential helper or askpass program (left by a
+    # developer, or planted); an unattended pull must run neither.
+    clone = git_repos.clone
+    git(clone, "remote", "set-url", "origin", http_auth_wall)
+    helper_marker = tmp_path / "helper-ran"
+    askpass_marker = tmp_path / "askpass-ran"
+    helper = write_script(tmp_path / "spy-helper", f'echo "$@" >> {helper_marker}\n')
+    askpass = write_script(tmp_path / "spy-askpass", f'echo "$@" >> {askpass_marker}\necho x\n')
+    git(clone, "config", "credential.helper", str(helper))
+    git(clone, "config", "core.askPass", str(askpass))
+
+    # Control: a plain git with the same config does consult the helper.
+    control = await run_exec(["git", "-C", str(clone), "fetch"], env=git_env(), timeout=20)
+    assert not control.ok
+    assert helper_marker.exists(), control.stderr
+    helper_marker.unlink(missing_ok=True)
+    askpass_marker.unlink(missing_ok=True)
+
+    result = await run_git_pull(clone, timeout=20)
+    assert (result.ran, result.ok) == (True, False)
+    assert "requires authentication" in result.summary
+    assert not helper_marker.exists()
+    assert not askpass_marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Removing an index.lock after a killed pull: only when it is provably ours
+# --------------------------------------------------------------------------------------------
+
+
+def killed_result(signal_number: int) -> ExecResult:
+    return ExecResult(("git", "pull"), -signal_number, "", "", True, False, 1.0)
+
+
+def test_lock_left_by_a_sigkilled_git_is_removed(git_repos: GitRepos) -> None:
+    git_dir = git_repos.clone / ".git"
+    started = time.time()
+    (git_dir / "index.lock").write_text("")
+    note = _clean_index_lock_after_kill(
+        str(git_repos.clone), str(git_dir), started, killed_result(signal.SIGKILL)
+    )
+    assert "Removed the index.lock" in note
+    assert not (git_dir / "index.lock").exists()
+
+
+def test_lock_is_left_when_git_stopped_on_sigterm(git_repos: GitRepos) -> None:
+    # git removes its own lock on SIGTERM; a lock that is still there belongs to someone else.
+    git_dir = git_repos.clone / ".git"
+    started = time.time()
+    (git_dir / "index.lock").write_text("")
+    note = _clean_index_lock_after_kill(
+        str(git_repos.clone), str(git_dir), started, killed_result(signal.SIGTERM)
+    )
+    assert "index.lock exists" in note
+    assert (git_dir / "index.lock").exists()
+
+
+def test_lock_is_left_when_another_process_works_in_the_checkout(git_repos: GitRepos) -> None:
+    # An operator's `git commit` waiting in its editor holds index.lock with its cwd in the
+    # checkout; deleting that lock would break their commit.
+    git_dir = git_repos.clone / ".git"
+    started = time.time()
+    (git_dir / "index.lock").write_text("")
+    operator = subprocess.Popen(["sleep", "30"], cwd=git_repos.clone)
+    try:
+        note = _clean_index_lock_after_kill(
+            str(git_repos.clone), str(git_dir), started, killed_result(signal.SIGKILL)
+        )
+    finally:
+        operator.kill()
+        operator.wait()
+    assert "index.lock exists" in note
+    assert (git_dir / "index.lock").exists()

@@ -41,3 +41,19 @@ def test_empty_and_tiny_secrets_do_not_shred_text() -> None:
 def test_redaction_is_idempotent() -> None:
     once = redact(f"https://u:p@h {DISCORD_TOKEN}", ["p@h"])
     assert redact(once) == once
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bot:p@ssw0rd@git.example/x.git",
+        "https://ci:AbC/dEf+GhIjKlMnOp@git.example/x.git",
+        "redis://:s3cr/et@10.0.0.5:6379/0",
+    ],
+)
+def test_passwords_with_at_or_slash_are_redacted(url: str) -> None:
+    redacted = redact(f"remote: '{url}'")
+    assert "ssw0rd" not in redacted
+    assert "dEf" not in redacted
+    assert "s3cr" not in redacted
+    assert "***@" in redacted

@@ -265,3 +265,36 @@ async def test_result_is_a_named_tuple_with_the_contract_fields() -> None:
         "truncated",
         "duration",
     )
+
+
+STDIN_HARNESS = r"""
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+from core.ops_exec import run_exec
+code = "import sys; print(len(sys.stdin.read()))"
+print(asyncio.run(run_exec([sys.executable, "-c", code], timeout=10)).stdout.strip())
+"""
+
+
+def test_child_stdin_is_empty_even_when_ours_is_not() -> None:
+    # pytest's own stdin is already /dev/null, so the harness runs with a stdin full of data.
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [PY, "-c", STDIN_HARNESS, root], input="x" * 10000, capture_output=True, text=True,
+        timeout=30, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "0"
+
+
+async def test_nul_byte_in_argv_is_a_result() -> None:
+    result = await run_exec(["echo", "a\x00b"])
+    assert result.returncode is None
+    assert "null byte" in result.stderr
+
+
+def test_unterminated_escape_sequences_do_not_hide_what_follows() -> None:
+    text = sanitize_output(b"Updating a..b\n\x1b]\nfatal: remote hook rejected\n")
+    assert "fatal: remote hook rejected" in text
+    text = sanitize_output(b"x \x1bPlease see below\nERROR: disk full\n")
+    assert "ERROR: disk full" in text
+    assert "\x1b" not in text

@@ -260,3 +260,15 @@ async def test_nothing_outside_the_grammar_reaches_the_program(name: str) -> Non
         *_, unit = call["argv"]
         assert GRAMMAR.fullmatch(unit), unit
         assert call["argv"][:3] == ["--no-ask-password", "restart", "--"]
+
+
+async def test_summaries_are_redacted_even_for_bad_names(standin: StandIn) -> None:
+    token = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
+    ok, summary = await systemctl_restart(f"https://deploy:{token}@host/x")
+    assert not ok
+    assert token not in summary
+    assert "GaBcDe" not in summary
+    standin.behave("fail")
+    ok, summary = await systemctl_restart(token)  # a token fits the unit-name grammar
+    assert not ok
+    assert "GaBcDe" not in summary
