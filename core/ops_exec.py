@@ -533,14 +533,25 @@ def systemctl_argv() -> list[str]:
     return shlex.split(configured) if configured else ["systemctl"]
 
 
+_SYSTEMCTL_BOILERPLATE = re.compile(r"^See system logs and 'systemctl status .*$", re.MULTILINE)
+_PERMISSION_WORDS = ("Access denied", "Interactive authentication required", "a password is")
+
+
 def _systemctl_failure(unit: str, verb: str, result: ExecResult, timeout: float) -> str:
     if result.timed_out:
-        text = f"systemctl {verb} {unit} timed out after {timeout:g}s"
+        # systemd keeps the job after its client is gone: say so rather than claim it failed.
+        text = (
+            f"systemctl {verb} {unit} timed out after {timeout:g}s; the job may still "
+            f"complete (check `systemctl status {unit}`)"
+        )
     elif result.returncode is None:
         text = f"could not run systemctl: {result.stderr}"
     else:
-        detail = _cap(result.stderr or result.stdout) or "no output"
+        output = _SYSTEMCTL_BOILERPLATE.sub("", result.stderr or result.stdout)
+        detail = " ".join(_cap(output).split()) or "no output"
         text = f"systemctl {verb} {unit} failed (exit {result.returncode}): {detail}"
+        if any(word in output for word in _PERMISSION_WORDS):
+            text += " (is this unit allowed by the polkit rule or sudoers entry?)"
     return redact(text)
 
 
