@@ -1,0 +1,208 @@
+"""Run the admin-ops Discord bot, or check its configuration and host with ``--check``.
+
+``python bot.py`` connects to Discord and loads the admin-ops cog; ``python bot.py --check``
+validates the settings and the host without connecting, printing one ✅/❌ line per check.
+Settings come from environment variables (README, "Settings").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import discord
+import redis.asyncio as aioredis
+from discord.ext import commands
+
+from core.ops_exec import git_head, git_upstream, redact, systemctl_argv, systemctl_is_active
+from core.settings import Settings, SettingsError
+
+#: Extensions loaded at start-up.
+EXTENSIONS = ("cogs.admin_ops",)
+#: Exit status for a configuration that cannot start (no token, invalid setting).
+EXIT_CONFIG = 2
+
+log = logging.getLogger("admin_ops.bot")
+
+NO_DISCORD_LOGIN_HELP = (
+    "DISCORD_TOKEN is not set: set it to your bot's token "
+    "(Discord developer portal → your application → Bot → Reset Token), "
+    "e.g. `DISCORD_TOKEN=... make run`."
+)
+
+
+class OpsBot(commands.Bot):
+    """A bot that mentions nobody and loads the admin-ops cog at start-up."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Prefix from settings; the message content and members intents the cog relies on."""
+        intents = discord.Intents.default()
+        intents.message_content = True
+        intents.members = True
+        super().__init__(
+            command_prefix=settings.command_prefix,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+
+    async def setup_hook(self) -> None:
+        """Load the extensions; a broken one stops the start (it would be a bot that ignores us)."""
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+            log.info("loaded %s", extension)
+
+
+# --------------------------------------------------------------------------------------------
+# --check
+# --------------------------------------------------------------------------------------------
+
+
+async def _check_target(name: str, path: Path) -> tuple[bool, str]:
+    label = f"target {name} ({path})"
+    if not path.is_dir():
+        return False, f"{label}: does not exist or is not a directory"
+    head = await git_head(path)
+    if head is None:
+        return False, f"{label}: not a git checkout"
+    upstream = await git_upstream(path)
+    if upstream is None:
+        return False, (
+            f"{label}: the current branch has no upstream "
+            f"(fix: git -C {path} branch --set-upstream-to=origin/<branch>)"
+        )
+    return True, f"{label}: git checkout at {head}, tracking {upstream}"
+
+
+def _check_systemctl(settings: Settings) -> tuple[bool, str]:
+    argv = systemctl_argv()
+    needed = settings.proxy_service is not None or (
+        settings.restart_mode == "systemd" and settings.bot_service is not None
+    )
+    found = shutil.which(argv[0])
+    if found is not None:
+        return True, f"systemctl program: {' '.join([found, *argv[1:]])}"
+    if not needed:
+        return True, f"systemctl program {argv[0]!r} not found, and no unit needs it"
+    return False, (
+        f"systemctl program {argv[0]!r} not found: install systemd's systemctl "
+        "or point OPS_SYSTEMCTL at it"
+    )
+
+
+async def _check_units(settings: Settings) -> list[tuple[bool, str]]:
+    lines: list[tuple[bool, str]] = []
+    if settings.bot_service is not None:
+        state = await systemctl_is_active(settings.bot_service)
+        lines.append((True, f"OPS_BOT_SERVICE: {settings.bot_service} ({state})"))
+    elif settings.restart_mode == "exit":
+        lines.append((True, "OPS_BOT_SERVICE not set: !bot_restart exits with status 26"))
+    else:
+        lines.append(
+            (True, "OPS_BOT_SERVICE not set: !bot_restart is off (or set OPS_RESTART_MODE=exit)")
+        )
+    if settings.proxy_service is not None:
+        state = await systemctl_is_active(settings.proxy_service)
+        lines.append((True, f"OPS_PROXY_SERVICE: {settings.proxy_service} ({state})"))
+    else:
+        lines.append((True, "OPS_PROXY_SERVICE not set: !proxy_restart is off"))
+    return lines
+
+
+async def _check_redis(settings: Settings) -> tuple[bool, str]:
+    if settings.redis_url is None:
+        return True, "REDIS_URL not set: cooldowns and the restart marker use the state dir"
+    shown = settings.masked_redis_url
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(client.ping(), 3)
+    except Exception as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else "no answer"
+        return False, f"Redis at {shown} does not answer: {type(exc).__name__}: {detail}"
+    finally:
+        await client.aclose()
+    return True, f"Redis at {shown} answers ({(time.monotonic() - started) * 1000:.1f} ms)"
+
+
+def _check_state_dir(settings: Settings) -> tuple[bool, str]:
+    state_dir = settings.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".check-"):
+            pass
+    except OSError as exc:
+        return False, f"state dir {state_dir} is not writable: {exc.strerror or exc}"
+    return True, f"state dir {state_dir} is writable"
+
+
+async def run_checks(settings: Settings) -> list[tuple[bool, str]]:
+    """Every check of ``--check``, in order, as ``(passed, line)``."""
+    results: list[tuple[bool, str]] = [
+        (
+            True,
+            f"settings: prefix {settings.command_prefix!r}, restart mode {settings.restart_mode}",
+        ),
+        (
+            (True, "DISCORD_TOKEN is set")
+            if settings.discord_token
+            else (False, "DISCORD_TOKEN is not set: set it to your bot's token")
+        ),
+    ]
+    for target in settings.pull_targets:
+        results.append(await _check_target(target.name, target.path))
+    results.append(_check_systemctl(settings))
+    results += await _check_units(settings)
+    results.append(await _check_redis(settings))
+    results.append(_check_state_dir(settings))
+    return results
+
+
+def check(settings: Settings, print_line: Callable[[str], None] = print) -> int:
+    """Print one ✅/❌ line per check, secrets masked; 0 only when every check passes."""
+    results = asyncio.run(run_checks(settings))
+    secrets = settings.secrets
+    for passed, line in results:
+        print_line(f"{'✅' if passed else '❌'} {redact(line, secrets)}")
+    return 0 if all(passed for passed, _ in results) else 1
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bot (or ``--check``); the exit status is the process's."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate settings and host (git checkouts, systemctl, Redis, state dir); no Discord",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"❌ {problem}", file=sys.stdout if args.check else sys.stderr)
+        return 1 if args.check else EXIT_CONFIG
+    if args.check:
+        return check(settings)
+    if not settings.discord_token:
+        print(NO_DISCORD_LOGIN_HELP, file=sys.stderr)
+        return EXIT_CONFIG
+    bot = OpsBot(settings)
+    # discord.py's own logging set-up, on the root logger so the cog's audit lines show too.
+    bot.run(settings.discord_token, root_logger=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""core.settings: every variable, its default, and an error naming each bad one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.settings import (
+    COMMANDS,
+    PROJECT_ROOT,
+    PullTarget,
+    Settings,
+    SettingsError,
+    default_state_dir,
+)
+
+BASE = {"HOME": "/home/ops"}
+
+
+def load(**env: str) -> Settings:
+    return Settings.from_env({**BASE, **env})
+
+
+def problems(**env: str) -> tuple[str, ...]:
+    with pytest.raises(SettingsError) as caught:
+        load(**env)
+    return caught.value.problems
+
+
+def test_defaults() -> None:
+    settings = load()
+    assert settings.discord_token is None
+    assert settings.command_prefix == "!"
+    assert settings.redis_url is None
+    assert settings.state_dir == Path("/home/ops/.local/state/admin-ops")
+    assert settings.repo_dir == PROJECT_ROOT
+    assert settings.pull_targets == (PullTarget("bot", PROJECT_ROOT),)
+    assert settings.bot_service is None
+    assert settings.proxy_service is None
+    assert settings.restart_mode == "systemd"
+    assert settings.restart_delay == 1.0
+    assert settings.pull_timeout == 60.0
+    assert settings.admin_role_ids == frozenset()
+    assert settings.admin_role_names == frozenset()
+    assert settings.channel_ids == frozenset()
+    assert settings.audit_channel_id is None
+    assert [settings.cooldown(c) for c in COMMANDS] == [120.0, 30.0, 15.0, 0.0]
+    assert settings.secrets == ()
+    assert settings.cooldown_file == settings.state_dir / "cooldowns.json"
+    assert settings.marker_file == settings.state_dir / "restart-marker.json"
+
+
+def test_every_variable_is_read() -> None:
+    settings = load(
+        DISCORD_TOKEN="token-value",
+        OPS_PREFIX="?",
+        REDIS_URL="redis://:pw-secret@127.0.0.1:6390/2",
+        OPS_STATE_DIR="/var/lib/ops",
+        OPS_REPO_DIR="/srv/bot",
+        OPS_PULL_TARGETS="worker=/srv/worker, Site=/srv/site",
+        OPS_BOT_SERVICE="bot",
+        OPS_PROXY_SERVICE="nginx.service",
+        OPS_RESTART_MODE="EXIT",
+        OPS_RESTART_DELAY="0.5",
+        OPS_PULL_TIMEOUT="120",
+        OPS_ADMIN_ROLE_IDS="111, 222",
+        OPS_ADMIN_ROLE_NAMES="Ops, Site Reliability",
+        OPS_ROLE_IDS_BOT_RESTART="333",
+        OPS_ROLE_IDS_PROXY_RESTART="444,555",
+        OPS_ROLE_IDS_BOT_PULL="666",
+        OPS_CHANNEL_IDS="777",
+        OPS_AUDIT_CHANNEL_ID="888",
+        OPS_COOLDOWN_BOT_RESTART="300",
+        OPS_COOLDOWN_PROXY_RESTART="0",
+        OPS_COOLDOWN_BOT_PULL="2.5",
+        OPS_REDACT_ENV="DB_PASSWORD",
+        DB_PASSWORD="db-secret",
+    )
+    assert settings.discord_token == "token-value"
+    assert settings.command_prefix == "?"
+    assert settings.redis_url == "redis://:pw-secret@127.0.0.1:6390/2"
+    assert settings.state_dir == Path("/var/lib/ops")
+    assert settings.pull_targets == (
+        PullTarget("bot", Path("/srv/bot")),
+        PullTarget("worker", Path("/srv/worker")),
+        PullTarget("site", Path("/srv/site")),
+    )
+    assert settings.target("SITE") == PullTarget("site", Path("/srv/site"))
+    assert settings.target("nope") is None
+    assert settings.bot_service == "bot.service"
+    assert settings.proxy_service == "nginx.service"
+    assert settings.restart_mode == "exit"
+    assert settings.restart_delay == 0.5
+    assert settings.pull_timeout == 120.0
+    assert settings.admin_role_ids == {111, 222}
+    assert settings.admin_role_names == {"Ops", "Site Reliability"}
+    assert settings.role_ids_for("bot_restart") == {333}
+    assert settings.role_ids_for("proxy_restart") == {444, 555}
+    assert settings.role_ids_for("bot_pull") == {666}
+    assert settings.role_ids_for("ops_status") == {111, 222}
+    assert settings.has_role_override("bot_pull")
+    assert not settings.has_role_override("ops_status")
+    assert settings.channel_ids == {777}
+    assert settings.audit_channel_id == 888
+    assert settings.cooldown("bot_restart") == 300.0
+    assert settings.cooldown("proxy_restart") == 0.0
+    assert settings.cooldown("bot_pull") == 2.5
+    assert set(settings.secrets) == {"token-value", "pw-secret", "db-secret"}
+    assert settings.masked_redis_url == "redis://***@127.0.0.1:6390/2"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("OPS_PREFIX", "  ", "must not be empty"),
+        ("REDIS_URL", "http://localhost", "must start with redis://"),
+        ("REDIS_URL", "redis://host:notaport", "not a valid URL"),
+        ("OPS_RESTART_MODE", "docker", "must be 'systemd' or 'exit'"),
+        ("OPS_ADMIN_ROLE_IDS", "123,admins", "'admins' is not a role ID"),
+        ("OPS_ROLE_IDS_BOT_PULL", "-5", "'-5' is not a role ID"),
+        ("OPS_CHANNEL_IDS", "1.5", "is not a channel ID"),
+        ("OPS_AUDIT_CHANNEL_ID", "ops-log", "is not a channel ID"),
+        ("OPS_COOLDOWN_BOT_PULL", "soon", "'soon' is not a number of seconds"),
+        ("OPS_COOLDOWN_BOT_RESTART", "-1", "must be between 0 and 3600 seconds"),
+        ("OPS_COOLDOWN_PROXY_RESTART", "nan", "must be between"),
+        ("OPS_PULL_TIMEOUT", "0", "must be between 1 and 3600 seconds"),
+        ("OPS_RESTART_DELAY", "120", "must be between 0 and 60 seconds"),
+        ("OPS_STATE_DIR", "state", "must be an absolute path"),
+        ("OPS_REPO_DIR", "./app", "must be an absolute path"),
+        ("OPS_BOT_SERVICE", "-H evil", "invalid unit name"),
+        ("OPS_PROXY_SERVICE", "nginx*", "globs are not allowed"),
+        ("OPS_PROXY_SERVICE", "getty@.service", "needs an instance"),
+        ("OPS_PULL_TARGETS", "worker", "is not of the form name=/path"),
+        ("OPS_PULL_TARGETS", "worker=relative/dir", "needs an absolute path"),
+        ("OPS_PULL_TARGETS", "bot=/srv/other", "set OPS_REPO_DIR"),
+        ("OPS_PULL_TARGETS", "a=/x,A=/y", "listed twice"),
+        ("OPS_PULL_TARGETS", "we ird=/x", "must be 1-32 of"),
+        ("OPS_REDACT_ENV", "NOT-A-NAME", "is not an environment variable name"),
+    ],
+)
+def test_a_bad_value_is_named(variable: str, value: str, fragment: str) -> None:
+    [problem] = problems(**{variable: value})
+    assert problem.startswith(f"{variable}: ")
+    assert fragment in problem
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems(OPS_COOLDOWN_BOT_PULL="x", OPS_RESTART_MODE="y", OPS_CHANNEL_IDS="z")
+    assert [p.split(":")[0] for p in found] == [
+        "OPS_RESTART_MODE",
+        "OPS_COOLDOWN_BOT_PULL",
+        "OPS_CHANNEL_IDS",
+    ]
+    assert str(SettingsError(found)).count("\n") == 2
+
+
+def test_blank_values_mean_unset() -> None:
+    settings = load(OPS_PROXY_SERVICE="  ", REDIS_URL="", OPS_ADMIN_ROLE_IDS=" , ")
+    assert settings.proxy_service is None
+    assert settings.redis_url is None
+    assert settings.admin_role_ids == frozenset()
+
+
+def test_state_dir_precedence() -> None:
+    env = {"HOME": "/home/ops"}
+    assert default_state_dir(env) == Path("/home/ops/.local/state/admin-ops")
+    env["XDG_STATE_HOME"] = "/xdg"
+    assert default_state_dir(env) == Path("/xdg/admin-ops")
+    env["STATE_DIRECTORY"] = "/var/lib/admin-ops:/var/lib/other"
+    assert default_state_dir(env) == Path("/var/lib/admin-ops")
+    assert load(**env, OPS_STATE_DIR="/explicit").state_dir == Path("/explicit")
+    assert load(**env).state_dir == Path("/var/lib/admin-ops")
+
+
+def test_secrets_come_from_token_redis_url_and_named_variables() -> None:
+    settings = load(
+        DISCORD_TOKEN="the-token",
+        REDIS_URL="redis://127.0.0.1:6379/0?password=query-pass",
+        OPS_REDACT_ENV="API_KEY, SHORT, UNSET",
+        API_KEY="key-value",
+        SHORT="ab",
+        OPS_CONTROL_SECRET="fleet-hmac-secret",
+    )
+    assert set(settings.secrets) == {"the-token", "query-pass", "key-value", "fleet-hmac-secret"}
+    assert "query-pass" not in (settings.masked_redis_url or "")
+
+
+def test_secrets_stay_out_of_repr_and_settings_are_frozen() -> None:
+    settings = load(DISCORD_TOKEN="very-secret-token", REDIS_URL="redis://:pw-pw@h:1/0")
+    assert "very-secret-token" not in repr(settings)
+    assert "pw-pw" not in repr(settings)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.command_prefix = "?"  # type: ignore[misc]
+
+
+def test_imports_only_the_standard_library() -> None:
+    """The fleet CLI reuses settings on hosts without discord.py or redis-py."""
+    script = (
+        "import json, sys\n"
+        "sys.modules['discord'] = None\n"
+        "sys.modules['redis'] = None\n"
+        "before = set(sys.modules)\n"
+        "import core.settings\n"
+        "new = sorted(set(sys.modules) - before)\n"
+        "print(json.dumps(new))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = json.loads(out.stdout)
+    ours = {"core", "core.settings", "core.ops_exec"}
+    foreign = [
+        m for m in loaded if m not in ours and m.split(".")[0] not in sys.stdlib_module_names
+    ]
+    assert foreign == []
+    assert "core.settings" in loaded

@@ -1,0 +1,153 @@
+"""bot.py: ``--check`` on good and bad configurations, the missing-token exit, the bot's set-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+
+from bot import OpsBot
+from core.settings import Settings
+from tests.conftest import ROOT, free_port, git
+
+
+def run_bot(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python bot.py args`` with only ``env`` (plus PATH and HOME) in its environment."""
+    base = {
+        key: os.environ[key] for key in ("PATH", "HOME", "GIT_CONFIG_GLOBAL") if key in os.environ
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bot.py"), *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def systemctl_stub(tmp_path: Path) -> Path:
+    path = tmp_path / "systemctl"
+    path.write_text("#!/bin/sh\necho active\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_check_passes_on_a_good_configuration(
+    git_repos: Any, redis_server: Any, systemctl_stub: Path, tmp_path: Path
+):
+    token = "good-config-token-0123456789"
+    result = run_bot(
+        {
+            "DISCORD_TOKEN": token,
+            "OPS_REPO_DIR": str(git_repos.clone),
+            "OPS_SYSTEMCTL": str(systemctl_stub),
+            "OPS_BOT_SERVICE": "admin-ops-bot",
+            "OPS_PROXY_SERVICE": "nginx",
+            "REDIS_URL": redis_server.url,
+            "OPS_STATE_DIR": str(tmp_path / "state"),
+        },
+        "--check",
+    )
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(line.startswith("✅ ") for line in lines), lines
+    text = result.stdout
+    assert "DISCORD_TOKEN is set" in text
+    assert f"target bot ({git_repos.clone}): git checkout at" in text
+    assert "tracking origin/main" in text
+    assert f"systemctl program: {systemctl_stub}" in text
+    assert "OPS_BOT_SERVICE: admin-ops-bot.service (active)" in text
+    assert "OPS_PROXY_SERVICE: nginx.service (active)" in text
+    assert "answers" in text
+    assert "is writable" in text
+    assert token not in text
+    assert len(lines) == 8
+
+
+def test_check_fails_on_a_bad_configuration_and_masks_secrets(
+    git_repos: Any, tmp_path: Path, isolated_home: Path
+):
+    not_a_repo = tmp_path / "plain-dir"
+    not_a_repo.mkdir()
+    no_upstream = tmp_path / "no-upstream"
+    no_upstream.mkdir()
+    git(no_upstream, "init", "-q", "-b", "main")
+    git(no_upstream, "commit", "-q", "--allow-empty", "-m", "only commit")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    result = run_bot(
+        {
+            "OPS_REPO_DIR": str(not_a_repo),
+            "OPS_PULL_TARGETS": f"site={no_upstream}",
+            "OPS_SYSTEMCTL": str(tmp_path / "missing" / "systemctl"),
+            "OPS_PROXY_SERVICE": "nginx",
+            "REDIS_URL": f"redis://:hunter2-redis@127.0.0.1:{free_port()}/0",
+            "OPS_STATE_DIR": str(blocker / "state"),
+        },
+        "--check",
+    )
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.startswith("❌ ")]
+    text = "\n".join(failed)
+    assert "DISCORD_TOKEN is not set" in text
+    assert f"target bot ({not_a_repo}): not a git checkout" in text
+    assert f"target site ({no_upstream}): the current branch has no upstream" in text
+    assert "systemctl program" in text
+    assert "Redis at redis://***@127.0.0.1:" in text
+    assert f"state dir {blocker / 'state'} is not writable" in text
+    assert len(failed) == 6
+    assert "hunter2-redis" not in result.stdout + result.stderr
+
+
+def test_check_names_an_invalid_setting():
+    result = run_bot({"OPS_COOLDOWN_BOT_PULL": "soon", "OPS_PROXY_SERVICE": "-H x"}, "--check")
+    assert result.returncode == 1
+    assert sorted(result.stdout.splitlines()) == [
+        "❌ OPS_COOLDOWN_BOT_PULL: 'soon' is not a number of seconds",
+        "❌ OPS_PROXY_SERVICE: invalid unit name '-H x': must not start with '-'",
+    ]
+
+
+def test_without_a_token_the_bot_says_what_to_set_and_exits_2(tmp_path: Path):
+    result = run_bot({"OPS_STATE_DIR": str(tmp_path / "state")})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("DISCORD_TOKEN is not set")
+
+
+def test_an_invalid_setting_stops_the_bot_with_status_2():
+    result = run_bot({"DISCORD_TOKEN": "x" * 30, "OPS_RESTART_MODE": "docker"})
+    assert result.returncode == 2
+    assert "OPS_RESTART_MODE: must be 'systemd' or 'exit'" in result.stderr
+
+
+async def test_the_bot_mentions_nobody_and_loads_the_cog(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    monkeypatch.setenv("OPS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    bot = OpsBot(Settings.from_env({"OPS_PREFIX": "?", "HOME": str(tmp_path)}))
+    assert bot.intents.message_content
+    assert bot.intents.members
+    assert bot.command_prefix == "?"
+    mentions = bot.allowed_mentions
+    assert mentions is not None
+    assert mentions.to_dict() == discord.AllowedMentions.none().to_dict()
+    await bot.setup_hook()
+    assert "AdminOps" in bot.cogs
+    assert {c.name for c in bot.commands} >= {
+        "bot_pull",
+        "bot_restart",
+        "proxy_restart",
+        "ops_status",
+    }
+    await bot.unload_extension("cogs.admin_ops")
