@@ -36,6 +36,7 @@ import select
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import tty
@@ -207,14 +208,19 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 touch /run/admin-ops-test-console
 mount --bind "$(readlink /proc/$$/fd/1)" /run/admin-ops-test-console
 # /tmp and /var/tmp become private (PrivateTmp= directories must not land on the host), but the
-# test's work directory stays visible at its own path.
-mkdir /run/admin-ops-test-work
-mount --bind "$work" /run/admin-ops-test-work
+# test's work directory, the checkout and its interpreter stay visible at their own paths (CI may
+# clone the project under /tmp).
+n=0
+for keep in {keep}; do
+  n=$((n + 1)); mkdir "/run/admin-ops-keep-$n"; mount --bind "$keep" "/run/admin-ops-keep-$n"
+done
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
-mkdir -p "$work"
-mount --move /run/admin-ops-test-work "$work"
-rmdir /run/admin-ops-test-work
+n=0
+for keep in {keep}; do
+  n=$((n + 1)); mkdir -p "$keep"; mount --move "/run/admin-ops-keep-$n" "$keep"
+  rmdir "/run/admin-ops-keep-$n"
+done
 
 mount --bind "$work/srv" /srv
 mount --bind "$work/var-lib" /var/lib
@@ -509,6 +515,21 @@ def _prepare_workdir(workdir: Path) -> dict[str, Path]:
     return paths
 
 
+def _paths_to_keep(workdir: Path) -> list[Path]:
+    """Directories under /tmp or /var/tmp that must stay visible inside the namespaces.
+
+    The work directory, the checkout (units run its code) and the interpreter's prefix (a venv
+    inside a checkout cloned under /tmp); nested ones are covered by their parent.
+    """
+    checkout = Path(__file__).resolve().parents[2]
+    candidates = [workdir, checkout, Path(sys.prefix), Path(sys.executable).resolve().parent]
+    private = (Path("/tmp"), Path("/var/tmp"))
+    wanted = sorted(
+        {p.resolve() for p in candidates if any(p.resolve().is_relative_to(t) for t in private)}
+    )
+    return [p for p in wanted if not any(p != q and p.is_relative_to(q) for q in wanted)]
+
+
 def start_private_systemd(workdir: Path) -> PrivateSystemd:
     """Start a private systemd in a new sub-cgroup of our own; raise HarnessError on failure."""
     mount = cgroup2_mount()
@@ -530,6 +551,7 @@ def start_private_systemd(workdir: Path) -> PrivateSystemd:
     inner_path.write_text(
         INNER.format(
             work=shlex.quote(str(workdir)),
+            keep=" ".join(shlex.quote(str(p)) for p in _paths_to_keep(workdir)),
             unit_dir=shlex.quote(str(paths["unit_dir"])),
             empty_dir=shlex.quote(str(paths["empty_dir"])),
             systemd=shlex.quote(str(SYSTEMD_BINARY)),
