@@ -537,7 +537,9 @@ _SYSTEMCTL_BOILERPLATE = re.compile(r"^See system logs and 'systemctl status .*$
 _PERMISSION_WORDS = ("Access denied", "Interactive authentication required", "a password is")
 
 
-def _systemctl_failure(unit: str, verb: str, result: ExecResult, timeout: float) -> str:
+def _systemctl_failure(
+    unit: str, verb: str, result: ExecResult, timeout: float, secrets: Sequence[str] = ()
+) -> str:
     if result.timed_out:
         # systemd keeps the job after its client is gone: say so rather than claim it failed.
         text = (
@@ -548,14 +550,17 @@ def _systemctl_failure(unit: str, verb: str, result: ExecResult, timeout: float)
         text = f"could not run systemctl: {result.stderr}"
     else:
         output = _SYSTEMCTL_BOILERPLATE.sub("", result.stderr or result.stdout)
-        detail = " ".join(_cap(output).split()) or "no output"
+        # Redacted before it is cut short: a secret straddling the cut would no longer match.
+        detail = " ".join(_cap(redact(output, secrets)).split()) or "no output"
         text = f"systemctl {verb} {unit} failed (exit {result.returncode}): {detail}"
         if any(word in output for word in _PERMISSION_WORDS):
             text += " (is this unit allowed by the polkit rule or sudoers entry?)"
-    return redact(text)
+    return redact(text, secrets)
 
 
-async def systemctl_restart(service: str, timeout: float = 20.0) -> tuple[bool, str]:
+async def systemctl_restart(
+    service: str, timeout: float = 20.0, *, secrets: Iterable[str] = ()
+) -> tuple[bool, str]:
     """Restart another unit and wait for the job; returns ``(ok, one-line summary)``.
 
     Never use this for the unit the calling process runs in: a synchronous restart of one's
@@ -569,10 +574,12 @@ async def systemctl_restart(service: str, timeout: float = 20.0) -> tuple[bool, 
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
         return True, redact(f"restarted {unit}")
-    return False, _systemctl_failure(unit, "restart", result, timeout)
+    return False, _systemctl_failure(unit, "restart", result, timeout, tuple(secrets))
 
 
-async def deferred_systemctl_restart(service: str, *, delay: float = 1.0) -> tuple[bool, str]:
+async def deferred_systemctl_restart(
+    service: str, *, delay: float = 1.0, secrets: Iterable[str] = ()
+) -> tuple[bool, str]:
     """Ask systemd to restart the caller's own unit after ``delay`` seconds, without waiting.
 
     ``--no-block`` queues the job and returns, so systemd can stop this process afterwards. The
@@ -588,7 +595,7 @@ async def deferred_systemctl_restart(service: str, *, delay: float = 1.0) -> tup
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
         return True, redact(f"restart of {unit} requested")
-    return False, _systemctl_failure(unit, "restart", result, timeout)
+    return False, _systemctl_failure(unit, "restart", result, timeout, tuple(secrets))
 
 
 async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:
@@ -767,8 +774,9 @@ def _classify_pull_failure(stderr: str, returncode: int | None) -> str:
     return f"git pull failed (exit {returncode})."
 
 
-def _with_detail(headline: str, detail: str) -> str:
-    detail = _cap(redact(detail))
+def _with_detail(headline: str, detail: str, secrets: Sequence[str] = ()) -> str:
+    # Redacted before it is cut short: a secret straddling the cut would no longer match.
+    detail = _cap(redact(detail, secrets))
     return f"{headline}\n{detail}" if detail else headline
 
 
@@ -984,6 +992,7 @@ async def run_git_pull(
     instance_id: str = "",
     timeout: float = 60.0,
     env_passthrough: Iterable[str] = (),
+    secrets: Iterable[str] = (),
 ) -> PullResult:
     """Fast-forward the checkout at ``repo_dir`` from its upstream, at most once at a time.
 
@@ -998,11 +1007,11 @@ async def run_git_pull(
         )
     result = await _pull_checkout(
         repo_dir, redis=redis if dedupe else None, lock_ttl=lock_ttl, instance_id=instance_id,
-        timeout=timeout, env_passthrough=tuple(env_passthrough),
+        timeout=timeout, env_passthrough=tuple(env_passthrough), secrets=tuple(secrets),
     )  # fmt: skip
     # Redacted once more here so that no summary escapes it, including those that echo the
     # caller's path (an operator may paste a clone URL with a token where a path belongs).
-    return result._replace(summary=redact(result.summary))
+    return result._replace(summary=redact(result.summary, secrets))
 
 
 async def _pull_checkout(
@@ -1013,6 +1022,7 @@ async def _pull_checkout(
     instance_id: str,
     timeout: float,
     env_passthrough: tuple[str, ...],
+    secrets: tuple[str, ...],
 ) -> PullResult:
     if "\x00" in os.fspath(repo_dir):
         return PullResult(ran=False, ok=False, summary="Not pulled: the path contains a NUL byte.")
@@ -1051,7 +1061,7 @@ async def _pull_checkout(
             info = inspected
         return await _pull_under_flock(
             path, info, redis=redis, lock_ttl=lock_ttl, holder=holder, timeout=timeout,
-            env_passthrough=env_passthrough,
+            env_passthrough=env_passthrough, secrets=secrets,
         )  # fmt: skip
     finally:
         _release_flock(lock_fd)
@@ -1066,6 +1076,7 @@ async def _pull_under_flock(
     holder: str,
     timeout: float,
     env_passthrough: tuple[str, ...],
+    secrets: tuple[str, ...],
 ) -> PullResult:
     lock_error = ""
     lock: _RedisLock | None = None
@@ -1084,7 +1095,7 @@ async def _pull_under_flock(
                     summary=f"Skipped: {other} is already pulling {path}.",
                 )
     try:
-        result = await _run_pull(path, info, timeout, env_passthrough)
+        result = await _run_pull(path, info, timeout, env_passthrough, secrets)
     finally:
         if lock is not None:
             await lock.release()
@@ -1097,7 +1108,11 @@ async def _pull_under_flock(
 
 
 async def _run_pull(
-    path: str, info: _RepoInfo, timeout: float, env_passthrough: tuple[str, ...]
+    path: str,
+    info: _RepoInfo,
+    timeout: float,
+    env_passthrough: tuple[str, ...],
+    secrets: tuple[str, ...],
 ) -> PullResult:
     if _index_lock_mtime(info.git_dir) is not None:
         return PullResult(ran=False, ok=False, summary=_stale_lock_message(info.git_dir))
@@ -1111,11 +1126,13 @@ async def _run_pull(
         cleanup = _clean_index_lock_after_kill(path, info.git_dir, run_started, result)
         headline = f"git pull timed out after {timeout:g}s; stopped."
         return PullResult(
-            ran=True, ok=False, summary=_with_detail(headline + cleanup, result.stderr)
+            ran=True, ok=False, summary=_with_detail(headline + cleanup, result.stderr, secrets)
         )
     if result.returncode != 0:
         headline = _classify_pull_failure(result.stderr, result.returncode)
-        return PullResult(ran=True, ok=False, summary=_with_detail(headline, result.stderr))
+        return PullResult(
+            ran=True, ok=False, summary=_with_detail(headline, result.stderr, secrets)
+        )
     new_head = await _git(path, "rev-parse", "--verify", "--quiet", "HEAD")
     summary = await _describe_update(path, info.head, new_head.stdout.strip() or None)
     return PullResult(ran=True, ok=True, summary=redact(summary))

@@ -643,3 +643,23 @@ def test_lock_is_left_when_another_process_works_in_the_checkout(git_repos: GitR
         operator.wait()
     assert "index.lock exists" in note
     assert (git_dir / "index.lock").exists()
+
+
+async def test_caller_secrets_straddling_the_cut_are_still_removed(
+    git_repos: GitRepos, tmp_path: Path
+) -> None:
+    # A secret of no known shape (say a database password) that git prints where the summary's
+    # detail is cut short: it must be removed before the cut, or its head would survive.
+    secret = "plain-secret-value-0123456789"
+    leaky = write_script(
+        tmp_path / "leaky-upload-pack",
+        f"printf '%s' \"$(head -c 1490 /dev/zero | tr '\\0' x)\" >&2\necho '{secret}' >&2\n"
+        "exit 128\n",
+    )
+    git(git_repos.clone, "config", "remote.origin.uploadpack", str(leaky))
+
+    result = await run_git_pull(git_repos.clone, secrets=[secret])
+
+    assert (result.ran, result.ok) == (True, False)
+    assert "plain-secret" not in result.summary
+    assert "***" in result.summary

@@ -272,3 +272,11 @@ async def test_summaries_are_redacted_even_for_bad_names(standin: StandIn) -> No
     ok, summary = await systemctl_restart(token)  # a token fits the unit-name grammar
     assert not ok
     assert "GaBcDe" not in summary
+
+
+async def test_caller_secrets_are_removed_from_systemctl_failures(standin: StandIn) -> None:
+    standin.behave("fail")
+    ok, summary = await systemctl_restart("proxy.service", secrets=["Access denied"])
+    assert not ok
+    assert "Access denied" not in summary
+    assert "***" in summary
