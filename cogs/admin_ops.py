@@ -1,6 +1,7 @@
 """Chat commands for a bot's admins: restart units, pull checkouts, show status.
 
-The cog decides *who* may run a command and *when*; *how* lives in :mod:`core.ops_exec`. Every
+The cog decides *who* may run a command and *when*; *how* lives in :mod:`core.ops_exec` (one
+host) and :mod:`core.control_ops` (the ``!fleet_*`` commands, over Redis). Every
 command goes through :meth:`AdminOps._invoke`, which runs the checks in a fixed order (server
 only, role, channel, configured, already running, cooldown), runs the action, replies, and writes
 one audit record. A new command needs a few lines: a ``@commands.command`` method that calls
@@ -18,18 +19,28 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import discord
 import redis.asyncio as aioredis
 from discord.ext import commands
+from redis.exceptions import RedisError
 
+from core.control_ops import (
+    ControlDaemon,
+    FleetResult,
+    HostResult,
+    Published,
+    default_identity,
+    publish,
+)
 from core.ops_exec import (
     Cooldown,
     atomic_write_json,
@@ -41,14 +52,18 @@ from core.ops_exec import (
     run_git_pull,
     systemctl_is_active,
     systemctl_restart,
+    validate_unit_name,
 )
 from core.settings import DEFAULT_TARGET, PullTarget, Settings
 
 __all__ = [
+    "FLEET_EDIT_INTERVAL",
     "MESSAGE_LIMIT",
     "NO_MENTIONS",
     "RESTART_EXIT_STATUS",
     "AdminOps",
+    "FleetBoard",
+    "LiveMessage",
     "Outcome",
     "RestartMarkers",
     "format_duration",
@@ -73,6 +88,17 @@ MARKER_TTL = 3600
 #: The audit stream keeps roughly this many entries.
 AUDIT_MAXLEN = 10_000
 REDIS_TIMEOUT = 2.0
+#: A live fleet message is edited at most this often (Discord rate-limits edits per channel).
+FLEET_EDIT_INTERVAL = 1.0
+#: A fleet command stays valid this long past ``OPS_FLEET_TIMEOUT``, for clock skew between hosts;
+#: a host that was away longer than that never runs it later, behind the operator's back.
+FLEET_TTL_SLACK = 30.0
+#: The longest one-line summary shown per host in the live table.
+FLEET_SUMMARY_WIDTH = 110
+#: Host names listed in a fleet footer before "… and N more".
+FLEET_FOOTER_HOSTS = 10
+# What a daemon accepts as a pull target name (core.control_ops checks the same).
+_FLEET_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _MODULE_LOADED_AT = time.time()
 
@@ -199,6 +225,259 @@ class _Running(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
+# The live fleet message
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(text: str, width: int) -> str:
+    """``text`` on one line (its lines joined with " · "), cut to ``width`` characters."""
+    joined = " · ".join(line.strip() for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= width else joined[: width - 1] + "…"
+
+
+def _natural(host: str) -> tuple[Any, ...]:
+    """Sort key that puts web-2 before web-10 (text and numbers alternate, so types align)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", host))
+
+
+def _icon(result: HostResult) -> str:
+    if not result.ok:
+        return "❌"
+    return "✅" if result.ran else "⏭️"
+
+
+@dataclass
+class FleetBoard:
+    """What one fleet command's message shows: a row per host, then a footer.
+
+    Pure state and formatting: the cog feeds it as hosts answer, :class:`LiveMessage` shows it.
+    ``clean`` (the cog's redaction) is applied once to every host name and summary, which come
+    from other hosts. Rows are in a code block, so they render as typed and cannot break out.
+    """
+
+    title: str
+    clean: Callable[[str], str] = str
+    expected: frozenset[str] = frozenset()
+    results: dict[str, HostResult] = field(default_factory=dict)
+    fleet: FleetResult | None = None
+    error: str | None = None
+    _names: dict[str, str] = field(default_factory=dict, repr=False)
+    _summaries: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def published(self, published: Published) -> None:
+        """The command is out: these hosts are expected to answer."""
+        self.expected = frozenset(published.expected)
+
+    def add(self, result: HostResult) -> None:
+        """One host answered (the first answer per host counts, as in ``publish``)."""
+        if result.host not in self.results:
+            self.results[result.host] = result
+            self._summaries[result.host] = self.clean(result.summary)
+
+    def finish(self, fleet: FleetResult) -> None:
+        """``publish`` returned: every expected host answered, or the timeout passed."""
+        self.expected = frozenset(fleet.expected)
+        for result in fleet.results.values():
+            self.add(result)
+        self.fleet = fleet
+
+    def fail(self, error: str) -> None:
+        """The command could not be published, or answers could not be collected."""
+        self.error = error
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing will change any more."""
+        return self.fleet is not None or self.error is not None
+
+    def render(self, limit: int = MESSAGE_LIMIT) -> tuple[str, bool]:
+        """The message text (at most ``limit`` characters), and whether it shows the whole table.
+
+        A row per host with a one-line summary if that fits; else a row per host without
+        summaries; else only the counts. When it is not the whole table, the cog attaches
+        :meth:`full_text` once the command is finished.
+        """
+        hosts = self._hosts()
+        footer = self.footer()
+        if not hosts:
+            return _fit(f"{self.title}\n{footer}", limit), True
+        width = min(max(len(self._name(host)) for host in hosts), 40)
+        if self.finished:
+            attached = f"{footer}\n📎 Every host's full answer is in the next message."
+        else:
+            attached = footer
+        for summary_width in (FLEET_SUMMARY_WIDTH, 0):
+            rows = "\n".join(self._row(host, width, summary_width) for host in hosts)
+            complete = summary_width == FLEET_SUMMARY_WIDTH
+            content = (
+                f"{self.title}\n```\n{neutralise_fences(rows)}\n```\n"
+                f"{footer if complete else attached}"
+            )
+            if len(content) <= limit:
+                return content, complete
+        return _fit(f"{self.title}\n{self._tally()}\n{attached}", limit), False
+
+    def full_text(self) -> str:
+        """Every host's whole answer, for the attachment when the table did not fit."""
+        blocks = []
+        for host in self._hosts():
+            result = self.results.get(host)
+            if result is None:
+                blocks.append(f"{self._waiting_icon()} {self._name(host)}: no answer")
+                continue
+            head = f"{_icon(result)} {self._name(host)} ({result.duration:.1f} s)"
+            body = [f"    {line}" for line in self._summaries[host].splitlines()]
+            blocks.append("\n".join([head, *body]))
+        return "\n".join([*blocks, "", self.footer()]) + "\n"
+
+    def footer(self) -> str:
+        """The last line: progress, then "3/3 hosts ok in 1.2 s" or what went wrong."""
+        answered = len(self.expected & self.results.keys())
+        if self.fleet is None:
+            if self.error is not None:
+                counts = f" ({answered}/{len(self.expected)} answered)" if self.expected else ""
+                return f"❌ {self.error}{counts}"
+            return f"⏳ {answered}/{len(self.expected)} answered…"
+        fleet = self.fleet
+        if not fleet.expected and not fleet.results:
+            return "❌ No hosts are alive: no control daemon has a heartbeat in Redis; nothing ran."
+        hosts = fleet.expected | fleet.results.keys()
+        ok = sum(1 for result in fleet.results.values() if result.ok)
+        tally = f"{ok}/{len(hosts)} hosts ok in {fleet.elapsed:.1f} s"
+        if fleet.ok:
+            return f"✅ {tally}"
+        parts = []
+        failed = sorted((h for h, result in fleet.results.items() if not result.ok), key=_natural)
+        if failed:
+            parts.append(f"{len(failed)} failed: {self._listing(failed)}")
+        if fleet.silent:
+            silent = sorted(fleet.silent, key=_natural)
+            parts.append(f"{len(silent)} silent: {self._listing(silent)}")
+        if not fleet.expected:
+            parts.append("no hosts were alive when it was published")
+        return f"❌ {' · '.join(parts)} — {tally}"
+
+    # -- pieces
+
+    def _hosts(self) -> list[str]:
+        return sorted(self.expected | self.results.keys(), key=_natural)
+
+    def _name(self, host: str) -> str:
+        name = self._names.get(host)
+        if name is None:
+            name = self._names[host] = _one_line(self.clean(host), 64)
+        return name
+
+    def _waiting_icon(self) -> str:
+        return "⌛" if self.finished else "⏳"
+
+    def _row(self, host: str, width: int, summary_width: int) -> str:
+        name = self._name(host)
+        if len(name) > width:
+            name = name[: width - 1] + "…"
+        result = self.results.get(host)
+        if result is None:
+            icon, took = self._waiting_icon(), ""
+            summary = "no answer" if self.finished else "waiting"
+        else:
+            icon, took = _icon(result), f"{result.duration:.1f} s"
+            summary = _one_line(self._summaries[host], summary_width)
+        row = f"{icon} {name:<{width}}  {took:>7}"
+        return f"{row}  {summary}" if summary_width else row.rstrip()
+
+    def _tally(self) -> str:
+        results = self.results.values()
+        counts = [
+            (sum(1 for r in results if r.ok and r.ran), "✅"),
+            (sum(1 for r in results if r.ok and not r.ran), "⏭️"),
+            (sum(1 for r in results if not r.ok), "❌"),
+            (len(self.expected - self.results.keys()), self._waiting_icon()),
+        ]
+        return " · ".join(f"{icon} {count}" for count, icon in counts if count)
+
+    def _listing(self, hosts: list[str]) -> str:
+        shown = [discord.utils.escape_markdown(self._name(h)) for h in hosts[:FLEET_FOOTER_HOSTS]]
+        more = len(hosts) - len(shown)
+        return ", ".join(shown) + (f" … and {more} more" if more else "")
+
+
+def _fit(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class LiveMessage:
+    """Keep one message showing the latest rendering, editing it at most once per ``interval``.
+
+    ``changed()`` only marks the message stale; one edit loop sends the latest rendering once
+    ``interval`` has passed since the previous send or edit, so a burst of changes costs one
+    edit. ``finish()`` makes the loop send the final rendering (after the interval, like any
+    edit) and stop; it returns whether that last edit went through. The loop starts at once, so
+    build it inside a running event loop. ``clock`` and ``sleep`` are for tests.
+    """
+
+    def __init__(
+        self,
+        render: Callable[[], str],
+        edit: Callable[[str], Awaitable[bool]],
+        *,
+        shown: str,
+        interval: float = FLEET_EDIT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
+        """``shown`` is what the message says now (it was just sent)."""
+        self._render = render
+        self._edit = edit
+        self._shown = shown
+        self._interval = interval
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
+        self._stale = asyncio.Event()
+        self._final = False
+        #: How many edits were sent (tests and logs).
+        self.edits = 0
+        self._task = asyncio.create_task(self._loop(), name="admin-ops live fleet message")
+
+    def changed(self) -> None:
+        """The rendering changed; the message is edited when the interval allows."""
+        self._stale.set()
+
+    async def finish(self) -> bool:
+        """Show the final rendering and stop; False when the final edit failed."""
+        self._final = True
+        self._stale.set()
+        return await self._task
+
+    async def cancel(self) -> None:
+        """Stop without a final edit (the command itself failed or was cancelled)."""
+        self._task.cancel()
+        # wait() rather than awaiting the task: its own error must not replace the caller's.
+        await asyncio.wait({self._task})
+        if not self._task.cancelled() and self._task.exception() is not None:
+            log.warning("live message edit loop failed: %r", self._task.exception())
+
+    async def _loop(self) -> bool:
+        while True:
+            await self._stale.wait()
+            delay = self._last + self._interval - self._clock()
+            if delay > 0:
+                await self._sleep(delay)  # the rate limit: changes meanwhile are coalesced
+            self._stale.clear()
+            final = self._final  # read before rendering, so the final render is the last one
+            content = self._render()
+            ok = True
+            if content != self._shown:
+                ok = await self._edit(content)
+                self._last = self._clock()
+                self.edits += 1
+                if ok:
+                    self._shown = content
+            if final:
+                return ok
+
+
+# --------------------------------------------------------------------------------------------
 # The restart marker
 # --------------------------------------------------------------------------------------------
 
@@ -279,26 +558,30 @@ class AdminOps(commands.Cog):
         redis: aioredis.Redis | None = None,
         *,
         exit_process: Callable[[int], None] | None = None,
-        key_prefix: str = "sg:control",
+        key_prefix: str | None = None,
+        fleet_edit_interval: float = FLEET_EDIT_INTERVAL,
     ) -> None:
         """Use the given settings and Redis client, else build them from the environment.
 
         ``exit_process`` ends the process in ``OPS_RESTART_MODE=exit`` (tests pass a spy);
-        ``key_prefix`` prefixes every Redis key this cog writes.
+        ``key_prefix`` prefixes every Redis key this cog writes and the fleet's streams
+        (default ``OPS_CONTROL_PREFIX``, i.e. ``sg:control``); ``fleet_edit_interval`` is the
+        least time between two edits of a live fleet message.
         """
         self.bot = bot
         self.settings = settings if settings is not None else Settings.from_env()
         self._owns_redis = redis is None
         self.redis = redis if redis is not None else make_redis(self.settings)
         self._exit_process = exit_process or _exit_process
-        self.key_prefix = key_prefix
-        self.audit_stream = f"{key_prefix}:audit"
+        self.key_prefix = key_prefix if key_prefix is not None else self.settings.control_prefix
+        self.fleet_edit_interval = fleet_edit_interval
+        self.audit_stream = f"{self.key_prefix}:audit"
         self.cooldowns: dict[str, Cooldown] = {
             command: Cooldown(
                 seconds,
                 redis=self.redis,
                 state_file=self.settings.cooldown_file,
-                prefix=f"{key_prefix}:cooldown",
+                prefix=f"{self.key_prefix}:cooldown",
             )
             for command, seconds in self.settings.cooldowns
             if seconds > 0
@@ -308,7 +591,7 @@ class AdminOps(commands.Cog):
         self.instance_id = f"{host}:{unit}:{os.getpid()}"
         self.markers = RestartMarkers(
             redis=self.redis,
-            key=f"{key_prefix}:restart-marker:{host}:{unit}",
+            key=f"{self.key_prefix}:restart-marker:{host}:{unit}",
             path=self.settings.marker_file,
         )
         self._admission: dict[str, asyncio.Lock] = {}
@@ -316,6 +599,9 @@ class AdminOps(commands.Cog):
         self._announced = False
         #: The task posting the "back online" notice, once the bot is ready (tests await it).
         self.back_online_task: asyncio.Task[None] | None = None
+        #: The fleet daemon this bot hosts with ``OPS_CONTROL_IN_PROCESS=1``, and its task.
+        self.control_daemon: ControlDaemon | None = None
+        self.control_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -327,16 +613,53 @@ class AdminOps(commands.Cog):
             log.warning("state dir %s is not usable: %s", self.settings.state_dir, exc)
         if self.bot.is_ready():
             self._schedule_back_online()
+        if self.settings.control_in_process:
+            self._start_control_daemon()
 
     async def cog_unload(self) -> None:
-        """Stop a pending notice and close the Redis client this cog created."""
+        """Stop a pending notice and the in-process daemon; close the Redis client we made."""
         task = self.back_online_task
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        control = self.control_task
+        if control is not None:
+            # A clean stop: the daemon deletes its heartbeat and acknowledges nothing unfinished.
+            control.cancel()
+            await asyncio.wait({control})
+            self.control_task = None
         if self._owns_redis and self.redis is not None:
             await self.redis.aclose()
+
+    def _start_control_daemon(self) -> None:
+        """Join the fleet from this process: a control daemon as a task of the bot.
+
+        It may pull the bot's own checkout (target ``bot``) and the ``OPS_PULL_TARGETS``, and
+        restart the configured units; the bot's own unit is restarted deferred (answer first).
+        """
+        settings = self.settings
+        if self.redis is None or settings.control_secret is None:
+            log.warning(
+                "OPS_CONTROL_IN_PROCESS needs REDIS_URL and OPS_CONTROL_SECRET: not started"
+            )
+            return
+        service = settings.bot_service.removesuffix(".service") if settings.bot_service else "bot"
+        units = [unit for unit in (settings.bot_service, settings.proxy_service) if unit]
+        self.control_daemon = ControlDaemon(
+            self.redis,
+            identity=settings.control_identity or default_identity(service),
+            secret=settings.control_secret,
+            pull_targets={target.name: target.path for target in settings.pull_targets},
+            restart_units=units,
+            own_units=[settings.bot_service] if settings.bot_service else [],
+            prefix=self.key_prefix,
+            deferred_restart_delay=settings.restart_delay,
+        )
+        self.control_task = asyncio.create_task(
+            self.control_daemon.run(), name=f"control daemon {self.control_daemon.identity}"
+        )
+        log.info("in-process control daemon %s started", self.control_daemon.identity)
 
     @commands.Cog.listener()
     async def on_ready(self) -> None:
@@ -446,6 +769,70 @@ class AdminOps(commands.Cog):
     async def status_command(self, ctx: commands.Context[Any]) -> None:
         """Host, units, checkouts, uptime, cooldowns and Redis, at a glance."""
         await self._invoke(ctx, "ops_status", lambda: self._status(ctx))
+
+    @commands.command(name="fleet_pull")
+    async def fleet_pull_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
+        """Fast-forward a checkout on every host that runs the control daemon."""
+        name = target.strip()
+        title = f"📡 Fleet pull of {inline_code(name or DEFAULT_TARGET)}"
+        problem = self._fleet_problem(ctx, "fleet_pull")
+        if problem is None and name and _FLEET_TARGET.fullmatch(name) is None:
+            problem = (
+                f"Invalid target {inline_code(name)} for {self._shown(ctx, 'fleet_pull')}: "
+                "one name of letters, digits and . _ - (e.g. `bot`)."
+            )
+        await self._invoke(
+            ctx,
+            "fleet_pull",
+            lambda: self._fleet(ctx, "pull", [name] if name else [], title),
+            args=[name] if name else [],
+            problem=problem,
+        )
+
+    @commands.command(name="fleet_restart")
+    async def fleet_restart_command(self, ctx: commands.Context[Any], *, unit: str = "") -> None:
+        """Restart a unit on every host whose control daemon allows it."""
+        name = unit.strip()
+        problem = self._fleet_problem(ctx, "fleet_restart")
+        if problem is None and not name:
+            usage = f"{ctx.clean_prefix}fleet_restart"
+            problem = f"Usage: `{usage} <unit>`, e.g. `{usage} proxy.service`."
+        elif problem is None:
+            try:
+                name = validate_unit_name(name)
+            except ValueError as exc:
+                problem = f"{self._shown(ctx, 'fleet_restart')} not sent: {exc}."
+        await self._invoke(
+            ctx,
+            "fleet_restart",
+            lambda: self._fleet(ctx, "restart", [name], f"📡 Fleet restart of {inline_code(name)}"),
+            args=[unit.strip()] if unit.strip() else [],
+            problem=problem,
+        )
+
+    @commands.command(name="fleet_status")
+    async def fleet_status_command(self, ctx: commands.Context[Any]) -> None:
+        """Each host's commits, unit states, version and uptime."""
+        await self._invoke(
+            ctx,
+            "fleet_status",
+            lambda: self._fleet(ctx, "status", [], "📡 Fleet status"),
+            problem=self._fleet_problem(ctx, "fleet_status"),
+        )
+
+    def _fleet_problem(self, ctx: commands.Context[Any], command: str) -> str | None:
+        """What a fleet command lacks: Redis (a client, or ``REDIS_URL``) and the secret."""
+        missing = [
+            variable
+            for variable, present in (
+                ("REDIS_URL", self.redis is not None),
+                ("OPS_CONTROL_SECRET", self.settings.control_secret is not None),
+            )
+            if not present
+        ]
+        if not missing:
+            return None
+        return self._not_configured(ctx, command, " and ".join(missing))
 
     async def cog_command_error(self, ctx: commands.Context[Any], error: Exception) -> None:
         """Answer errors that escaped ``_invoke`` (argument parsing) in one sentence."""
@@ -814,8 +1201,118 @@ class AdminOps(commands.Cog):
         running = [f"{c} (by {r.user})" for c, r in self._running.items() if c != "ops_status"]
         lines.append(f"running    {', '.join(running) if running else 'nothing'}")
         lines.append(f"redis      {redis_line}")
+        if self.control_daemon is not None:
+            state = "serving" if self.control_daemon.serving.is_set() else "not connected"
+            lines.append(f"fleet      in-process daemon {self.control_daemon.identity}: {state}")
         await self._reply(ctx, f"📊 Ops status for {inline_code(host)}", "\n".join(lines))
         return Outcome("ok")
+
+    async def _fleet(
+        self, ctx: commands.Context[Any], op: str, args: list[str], title: str
+    ) -> Outcome:
+        """Publish ``op`` to the fleet; one message shows each host's answer as it arrives.
+
+        The message is sent once the command is out (listing the hosts expected to answer),
+        edited at most every ``fleet_edit_interval`` seconds while answers arrive, and edited a
+        last time with the outcome. When the table does not fit in one message, a follow-up
+        carries every host's full answer as a ``.txt`` attachment.
+        """
+        redis, secret = self.redis, self.settings.control_secret
+        if redis is None or secret is None:
+            raise RuntimeError("unreachable: _invoke refuses an unconfigured fleet command")
+        command = ctx.command.name if ctx.command is not None else f"fleet_{op}"
+        board = FleetBoard(title=self._redact(title), clean=self._redact)
+        live: LiveMessage | None = None
+        sent_out = False
+
+        async def on_published(published: Published) -> None:
+            nonlocal live, sent_out
+            sent_out = True
+            board.published(published)
+            if not published.expected:
+                return  # publish returns at once: the final state is the only message
+            content, _ = board.render()
+            message = await self._send_live(ctx, content)
+            if message is not None:
+                live = LiveMessage(
+                    lambda: board.render()[0],
+                    functools.partial(self._edit_live, message),
+                    shown=content,
+                    interval=self.fleet_edit_interval,
+                )
+
+        def on_result(result: HostResult) -> None:
+            board.add(result)
+            if live is not None:
+                live.changed()
+
+        timeout = self.settings.fleet_timeout
+        fleet: FleetResult | None = None
+        try:
+            fleet = await publish(
+                redis,
+                op,
+                args,
+                requested_by=f"{ctx.author.name} ({ctx.author.id}) via {socket.gethostname()}",
+                secret=secret,
+                timeout=timeout,
+                ttl=timeout + FLEET_TTL_SLACK,
+                on_result=on_result,
+                on_published=on_published,
+                prefix=self.key_prefix,
+            )
+        except (RedisError, OSError) as exc:
+            reason = self._redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("fleet %s: Redis failed: %s", op, reason)
+            when = "while collecting answers" if sent_out else "before publishing; nothing ran"
+            board.fail(f"Redis failed {when}: {reason}")
+        except BaseException:
+            if live is not None:
+                await live.cancel()
+            raise
+        else:
+            board.finish(fleet)
+
+        content, complete = board.render()
+        shown = await live.finish() if live is not None else False
+        if not shown:
+            # No live message (no host was expected, or the first send failed), or the last
+            # edit failed (the message was deleted): the final state goes out as a new message.
+            await self._send_live(ctx, content)
+        if not complete:
+            await self._post(
+                ctx.channel,
+                f"📎 Every host's full answer to {self._shown(ctx, command)}",
+                board.full_text(),
+                reference=ctx.message,
+                filename=f"{command}.txt",
+            )
+        if fleet is None:
+            return Outcome("failed", acted=sent_out, detail=board.footer())
+        acted = any(result.ran for result in fleet.results.values())
+        return Outcome("ok" if fleet.ok else "failed", acted=acted, detail=board.footer())
+
+    async def _send_live(self, ctx: commands.Context[Any], content: str) -> discord.Message | None:
+        """Send a rendered fleet message (already redacted and within the limit) as a reply."""
+        try:
+            return await ctx.channel.send(
+                content,
+                allowed_mentions=NO_MENTIONS,
+                reference=ctx.message.to_reference(fail_if_not_exists=False),
+                mention_author=False,
+            )
+        except discord.HTTPException as exc:
+            log.warning("cannot send to %s: %s", ctx.channel.id, exc)
+            return None
+
+    async def _edit_live(self, message: discord.Message, content: str) -> bool:
+        """Edit a live fleet message; False (logged) when Discord refuses."""
+        try:
+            await message.edit(content=content, allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            log.warning("cannot edit message %s: %s", message.id, exc)
+            return False
+        return True
 
     async def _redis_status(self) -> str:
         if self.redis is None:

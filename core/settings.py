@@ -20,6 +20,7 @@ from core.ops_exec import redact, validate_unit_name
 
 __all__ = [
     "COMMANDS",
+    "DEFAULT_CONTROL_PREFIX",
     "DEFAULT_COOLDOWNS",
     "DEFAULT_TARGET",
     "PROJECT_ROOT",
@@ -35,7 +36,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 #: Chat commands that settings know about. ``OPS_ROLE_IDS_<NAME>`` and ``OPS_COOLDOWN_<NAME>``
 #: exist for each; a command added to the cog is added here too.
-COMMANDS: tuple[str, ...] = ("bot_restart", "proxy_restart", "bot_pull", "ops_status")
+COMMANDS: tuple[str, ...] = (
+    "bot_restart",
+    "proxy_restart",
+    "bot_pull",
+    "ops_status",
+    "fleet_pull",
+    "fleet_restart",
+    "fleet_status",
+)
 
 #: Seconds between two runs of a command, bot-wide. A command missing here has no cooldown.
 DEFAULT_COOLDOWNS: Mapping[str, float] = {
@@ -43,7 +52,13 @@ DEFAULT_COOLDOWNS: Mapping[str, float] = {
     "proxy_restart": 30.0,
     "bot_pull": 15.0,
     "ops_status": 0.0,
+    "fleet_pull": 15.0,
+    "fleet_restart": 30.0,
+    "fleet_status": 0.0,
 }
+
+#: The Redis key prefix of the fleet's streams and of every key the cog writes.
+DEFAULT_CONTROL_PREFIX = "sg:control"
 
 #: The name of the pull target that is the bot's own checkout (``OPS_REPO_DIR``).
 DEFAULT_TARGET = "bot"
@@ -51,6 +66,8 @@ DEFAULT_TARGET = "bot"
 RestartMode = Literal["systemd", "exit"]
 
 _TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+# A control daemon's identity, as core.control_ops accepts it (not imported: it needs redis).
+_IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 # Shorter values would mangle ordinary output when redacted (a 2-character "secret" matches
 # everywhere); such values are not worth calling secrets.
@@ -108,6 +125,11 @@ class Settings:
     restart_mode: RestartMode = "systemd"
     restart_delay: float = 1.0
     pull_timeout: float = 60.0
+    control_secret: str | None = field(default=None, repr=False)
+    control_prefix: str = DEFAULT_CONTROL_PREFIX
+    fleet_timeout: float = 30.0
+    control_in_process: bool = False
+    control_identity: str | None = None
     admin_role_ids: frozenset[int] = frozenset()
     admin_role_names: frozenset[str] = frozenset()
     command_role_ids: tuple[tuple[str, frozenset[int]], ...] = ()
@@ -140,6 +162,12 @@ class Settings:
     def has_role_override(self, command: str) -> bool:
         """Whether ``OPS_ROLE_IDS_<COMMAND>`` replaces the admin roles for ``command``."""
         return command in dict(self.command_role_ids)
+
+    @property
+    def fleet_missing(self) -> tuple[str, ...]:
+        """The variables the ``!fleet_*`` commands still need (empty when they can run)."""
+        missing = () if self.redis_url is not None else ("REDIS_URL",)
+        return missing + (() if self.control_secret is not None else ("OPS_CONTROL_SECRET",))
 
     @property
     def cooldown_file(self) -> Path:
@@ -189,6 +217,27 @@ class Settings:
                 )
             )
 
+        # Used as given (not stripped): it is an HMAC key, and every daemon reads it raw too.
+        control_secret = env.get("OPS_CONTROL_SECRET", "")
+        control_prefix = reader.text("OPS_CONTROL_PREFIX") or DEFAULT_CONTROL_PREFIX
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,63}", control_prefix) is None:
+            reader.problem(
+                "OPS_CONTROL_PREFIX", "must be 1-64 of A-Z a-z 0-9 : . _ - (starting alphanumeric)"
+            )
+            control_prefix = DEFAULT_CONTROL_PREFIX
+        control_in_process = reader.flag("OPS_CONTROL_IN_PROCESS")
+        if control_in_process and (redis_url is None or not control_secret.strip()):
+            reader.problem(
+                "OPS_CONTROL_IN_PROCESS",
+                "the in-process daemon needs REDIS_URL and OPS_CONTROL_SECRET",
+            )
+        control_identity = reader.text("OPS_IDENTITY")
+        if control_identity is not None and _IDENTITY.fullmatch(control_identity) is None:
+            reader.problem(
+                "OPS_IDENTITY", "must be 1-128 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)"
+            )
+            control_identity = None
+
         redact_env = reader.names("OPS_REDACT_ENV")
         secret_values = [token, _url_password(redis_url)]
         secret_values += [env.get(name) for name in (*ALWAYS_SECRET, *redact_env)]
@@ -208,6 +257,11 @@ class Settings:
             restart_mode=restart_mode,
             restart_delay=reader.seconds("OPS_RESTART_DELAY", 1.0, maximum=60.0),
             pull_timeout=reader.seconds("OPS_PULL_TIMEOUT", 60.0, minimum=1.0),
+            control_secret=control_secret if control_secret.strip() else None,
+            control_prefix=control_prefix,
+            fleet_timeout=reader.seconds("OPS_FLEET_TIMEOUT", 30.0, minimum=1.0),
+            control_in_process=control_in_process,
+            control_identity=control_identity,
             admin_role_ids=reader.id_set("OPS_ADMIN_ROLE_IDS", "role ID"),
             admin_role_names=frozenset(reader.list("OPS_ADMIN_ROLE_NAMES")),
             command_role_ids=tuple(command_role_ids),
@@ -265,6 +319,15 @@ class _Reader:
             else:
                 result.append(item)
         return tuple(result)
+
+    def flag(self, name: str) -> bool:
+        """``1/true/yes/on`` or ``0/false/no/off`` (any case); unset is False."""
+        raw = (self.text(name) or "0").lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw not in ("0", "false", "no", "off"):
+            self.problem(name, f"must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+        return False
 
     def snowflake(self, name: str, what: str) -> int | None:
         raw = self.text(name)

@@ -53,6 +53,7 @@ from core.control_ops import (
     verify_command,
 )
 from tests.conftest import GitRepos, RedisServer, free_port, git, start_redis_server
+from tests.core.git_helpers import pid_is_dead, write_script
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SECRET = "fleet-test-secret-7f3a"
@@ -117,28 +118,12 @@ async def pending_count(client: aioredis.Redis, identity: str, prefix: str) -> i
     return int(summary["pending"])
 
 
-def pid_is_dead(pid: int) -> bool:
-    """True when ``pid`` is gone or a zombie (dead, waiting to be reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X")
-
-
-def write_script(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
-
-
 def systemctl_stand_in(tmp_path: Path, probe: str = "") -> tuple[Path, Path]:
     """A ``systemctl`` that records argv and time (plus ``probe``'s output) as JSON lines."""
     record = tmp_path / "systemctl.jsonl"
     script = write_script(
         tmp_path / "systemctl",
-        f"""#!{PY}
-import json, sys, time
+        f"""import json, sys, time
 entry = {{"argv": sys.argv[1:], "t": time.time()}}
 {probe}
 with open({str(record)!r}, "a") as out:
@@ -146,6 +131,7 @@ with open({str(record)!r}, "a") as out:
 if "is-active" in sys.argv:
     print("active")
 """,
+        interpreter=PY,
     )
     return script, record
 
@@ -159,8 +145,7 @@ def upload_pack_gate(tmp_path: Path, clone: Path) -> tuple[Path, Path]:
     log, release = tmp_path / "upload-pack.log", tmp_path / "release"
     wrapper = write_script(
         tmp_path / "upload-pack-gate.sh",
-        f"""#!/bin/sh
-echo "$$" >> '{log}'
+        f"""echo "$$" >> '{log}'
 i=0
 while [ ! -e '{release}' ] && [ "$i" -lt 1500 ]; do sleep 0.02; i=$((i + 1)); done
 exec git upload-pack "$@"

@@ -12,22 +12,9 @@ from pathlib import Path
 import pytest
 
 from core.ops_exec import ExecResult, run_exec, sanitize_output
+from tests.core.git_helpers import pid_is_dead, read_numbers
 
 PY = sys.executable
-
-
-def pid_is_dead(pid: int) -> bool:
-    """True when ``pid`` no longer exists or is a zombie (dead, waiting to be reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    state = stat[stat.rfind(")") + 2 :].split()[0]
-    return state in ("Z", "X")
-
-
-def read_pids(path: Path) -> list[int]:
-    return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
 async def test_echo_captures_stdout_and_exit_code() -> None:
@@ -186,7 +173,7 @@ async def test_timeout_kills_a_sigterm_ignoring_tree(tmp_path: Path) -> None:
     assert result.timed_out
     assert not result.ok
     assert elapsed < timeout + grace + 1
-    recorded = read_pids(pids)
+    recorded = read_numbers(pids)
     assert len(recorded) == 2
     assert all(pid_is_dead(pid) for pid in recorded), recorded
 
@@ -221,7 +208,7 @@ async def test_escaped_grandchild_holding_stdout_does_not_delay_the_timeout(
         assert result.timed_out
         assert time.monotonic() - started < 1 + 0.5 + 1
     finally:
-        for pid in read_pids(pidfile):
+        for pid in read_numbers(pidfile):
             # Ours: the test started it, and it escaped the group on purpose.
             os.kill(pid, 9)
 
@@ -235,7 +222,7 @@ async def test_exit_with_a_grandchild_holding_the_pipe_returns_promptly(tmp_path
     assert result.returncode == 0
     assert not result.timed_out
     assert result.stdout == "parent-done\n"
-    assert all(pid_is_dead(pid) for pid in read_pids(pids))
+    assert all(pid_is_dead(pid) for pid in read_numbers(pids))
 
 
 async def test_cancellation_kills_the_group(tmp_path: Path) -> None:
@@ -245,13 +232,13 @@ async def test_cancellation_kills_the_group(tmp_path: Path) -> None:
     )
     # Wait until both processes have announced themselves, so cancellation hits a live tree.
     deadline = time.monotonic() + 10
-    while len(read_pids(pids)) < 2:
+    while len(read_numbers(pids)) < 2:
         assert time.monotonic() < deadline, "the tree never started"
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    recorded = read_pids(pids)
+    recorded = read_numbers(pids)
     assert all(pid_is_dead(pid) for pid in recorded), recorded
 
 

@@ -49,7 +49,13 @@ def test_defaults() -> None:
     assert settings.admin_role_names == frozenset()
     assert settings.channel_ids == frozenset()
     assert settings.audit_channel_id is None
-    assert [settings.cooldown(c) for c in COMMANDS] == [120.0, 30.0, 15.0, 0.0]
+    assert [settings.cooldown(c) for c in COMMANDS] == [120.0, 30.0, 15.0, 0.0, 15.0, 30.0, 0.0]
+    assert settings.control_secret is None
+    assert settings.control_prefix == "sg:control"
+    assert settings.fleet_timeout == 30.0
+    assert settings.fleet_missing == ("REDIS_URL", "OPS_CONTROL_SECRET")
+    assert not settings.control_in_process
+    assert settings.control_identity is None
     assert settings.secrets == ()
     assert settings.cooldown_file == settings.state_dir / "cooldowns.json"
     assert settings.marker_file == settings.state_dir / "restart-marker.json"
@@ -80,6 +86,13 @@ def test_every_variable_is_read() -> None:
         OPS_COOLDOWN_BOT_PULL="2.5",
         OPS_REDACT_ENV="DB_PASSWORD",
         DB_PASSWORD="db-secret",
+        OPS_CONTROL_SECRET=" fleet secret ",
+        OPS_CONTROL_PREFIX="prod:control",
+        OPS_FLEET_TIMEOUT="45",
+        OPS_ROLE_IDS_FLEET_RESTART="999",
+        OPS_COOLDOWN_FLEET_PULL="60",
+        OPS_CONTROL_IN_PROCESS="yes",
+        OPS_IDENTITY="web-1:bot",
     )
     assert settings.discord_token == "token-value"
     assert settings.command_prefix == "?"
@@ -110,8 +123,20 @@ def test_every_variable_is_read() -> None:
     assert settings.cooldown("bot_restart") == 300.0
     assert settings.cooldown("proxy_restart") == 0.0
     assert settings.cooldown("bot_pull") == 2.5
-    assert set(settings.secrets) == {"token-value", "pw-secret", "db-secret"}
+    assert set(settings.secrets) == {"token-value", "pw-secret", "db-secret", " fleet secret "}
     assert settings.masked_redis_url == "redis://***@127.0.0.1:6390/2"
+    # An HMAC key is used exactly as given, like the daemons do.
+    assert settings.control_secret == " fleet secret "
+    assert "fleet secret" not in repr(settings)
+    assert settings.control_prefix == "prod:control"
+    assert settings.fleet_timeout == 45.0
+    assert settings.fleet_missing == ()
+    assert settings.control_in_process
+    assert settings.control_identity == "web-1:bot"
+    assert settings.role_ids_for("fleet_restart") == {999}
+    assert settings.role_ids_for("fleet_pull") == {111, 222}
+    assert settings.cooldown("fleet_pull") == 60.0
+    assert settings.cooldown("fleet_restart") == 30.0
 
 
 @pytest.mark.parametrize(
@@ -129,6 +154,11 @@ def test_every_variable_is_read() -> None:
         ("OPS_COOLDOWN_BOT_RESTART", "-1", "must be between 0 and 3600 seconds"),
         ("OPS_COOLDOWN_PROXY_RESTART", "nan", "must be between"),
         ("OPS_PULL_TIMEOUT", "0", "must be between 1 and 3600 seconds"),
+        ("OPS_FLEET_TIMEOUT", "0.2", "must be between 1 and 3600 seconds"),
+        ("OPS_CONTROL_PREFIX", "sg control", "must be 1-64 of"),
+        ("OPS_CONTROL_IN_PROCESS", "maybe", "must be 1 or 0"),
+        ("OPS_CONTROL_IN_PROCESS", "1", "needs REDIS_URL and OPS_CONTROL_SECRET"),
+        ("OPS_IDENTITY", "-web 1", "must be 1-128 of"),
         ("OPS_RESTART_DELAY", "120", "must be between 0 and 60 seconds"),
         ("OPS_STATE_DIR", "state", "must be an absolute path"),
         ("OPS_REPO_DIR", "./app", "must be an absolute path"),
