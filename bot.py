@@ -81,7 +81,10 @@ async def _check_target(name: str, path: Path) -> tuple[bool, str]:
 
 
 def _check_systemctl(settings: Settings) -> tuple[bool, str]:
-    argv = systemctl_argv()
+    try:
+        argv = systemctl_argv()
+    except ValueError as exc:
+        return False, str(exc)
     needed = settings.proxy_service is not None or (
         settings.restart_mode == "systemd" and settings.bot_service is not None
     )
@@ -96,11 +99,16 @@ def _check_systemctl(settings: Settings) -> tuple[bool, str]:
     )
 
 
+def _answered(state: str) -> bool:
+    """Whether systemctl could tell a unit's state (``unknown (…)`` means it could not run)."""
+    return not state.startswith("unknown")
+
+
 async def _check_units(settings: Settings) -> list[tuple[bool, str]]:
     lines: list[tuple[bool, str]] = []
     if settings.bot_service is not None:
         state = await systemctl_is_active(settings.bot_service)
-        lines.append((True, f"OPS_BOT_SERVICE: {settings.bot_service} ({state})"))
+        lines.append((_answered(state), f"OPS_BOT_SERVICE: {settings.bot_service} ({state})"))
     elif settings.restart_mode == "exit":
         lines.append((True, "OPS_BOT_SERVICE not set: !bot_restart exits with status 26"))
     else:
@@ -109,7 +117,7 @@ async def _check_units(settings: Settings) -> list[tuple[bool, str]]:
         )
     if settings.proxy_service is not None:
         state = await systemctl_is_active(settings.proxy_service)
-        lines.append((True, f"OPS_PROXY_SERVICE: {settings.proxy_service} ({state})"))
+        lines.append((_answered(state), f"OPS_PROXY_SERVICE: {settings.proxy_service} ({state})"))
     else:
         lines.append((True, "OPS_PROXY_SERVICE not set: !proxy_restart is off"))
     return lines

@@ -42,6 +42,7 @@ from core.control_ops import (
     publish,
 )
 from core.ops_exec import (
+    SYSTEMCTL_TIMED_OUT,
     Cooldown,
     atomic_write_json,
     deferred_systemctl_restart,
@@ -861,27 +862,35 @@ class AdminOps(commands.Cog):
         """
         started = time.monotonic()
         outcome = Outcome("error", detail="internal error")
+        admitted = False
         try:
-            refusal = await self._check(ctx, command, problem)
-            if refusal is None:
-                refusal = await self._admit(ctx, command)
-            if refusal is not None:
-                outcome = Outcome(refusal.status, acted=False)
-                await self._reply(ctx, refusal.message)
-            else:
-                outcome = await self._run(command, action)
-        except Exception as exc:
-            log.exception("%s failed unexpectedly", command)
-            outcome = Outcome("error", detail=f"{type(exc).__name__}: {exc}")
-            await self._reply(
-                ctx,
-                f"❌ {self._shown(ctx, command)} failed unexpectedly; "
-                "the details are in the bot's log.",
-            )
+            try:
+                refusal = await self._check(ctx, command, problem)
+                if refusal is None:
+                    refusal = await self._admit(ctx, command)
+                admitted = refusal is None
+                if refusal is not None:
+                    outcome = Outcome(refusal.status, acted=False)
+                    await self._reply(ctx, refusal.message)
+                else:
+                    outcome = await self._run(command, action)
+            except Exception as exc:
+                log.exception("%s failed unexpectedly", command)
+                outcome = Outcome("error", detail=f"{type(exc).__name__}: {exc}")
+                await self._reply(
+                    ctx,
+                    f"❌ {self._shown(ctx, command)} failed unexpectedly; "
+                    "the details are in the bot's log.",
+                )
+            finally:
+                await self._audit(ctx, command, args, outcome, time.monotonic() - started)
+            if outcome.after is not None:
+                await outcome.after()
         finally:
-            await self._audit(ctx, command, args, outcome, time.monotonic() - started)
-        if outcome.after is not None:
-            await outcome.after()
+            if admitted:
+                # Still "running" until its last step is done (a self-restart waits its delay
+                # there); only the invocation that took the mark may clear it.
+                self._running.pop(command, None)
 
     async def _check(
         self, ctx: commands.Context[Any], command: str, problem: str | None
@@ -951,7 +960,6 @@ class AdminOps(commands.Cog):
                     await cooldown.release(command)
                 except Exception:
                     log.exception("cannot release the %s cooldown", command)
-            self._running.pop(command, None)
 
     # ------------------------------------------------------------------ output
 
@@ -1082,6 +1090,7 @@ class AdminOps(commands.Cog):
                 lock_ttl=max(90.0, timeout + 30.0),
                 instance_id=self.instance_id,
                 timeout=timeout,
+                secrets=self._secrets(),
             )
         if result.ran and result.ok:
             after = await git_head(target.path)
@@ -1129,16 +1138,21 @@ class AdminOps(commands.Cog):
 
     async def _request_own_restart(self, ctx: commands.Context[Any], unit: str) -> None:
         started = time.monotonic()
-        ok, summary = await deferred_systemctl_restart(unit, delay=self.settings.restart_delay)
+        ok, summary = await deferred_systemctl_restart(
+            unit, delay=self.settings.restart_delay, secrets=self._secrets()
+        )
         if ok:
             return
-        # Nothing happened: say so, forget the marker, give the cooldown back, and audit again.
-        await self.markers.discard()
-        cooldown = self.cooldowns.get("bot_restart")
-        if cooldown is not None:
-            await cooldown.release("bot_restart")
+        acted = SYSTEMCTL_TIMED_OUT in summary
+        if not acted:
+            # Nothing happened: forget the marker and give the cooldown back. After a timeout
+            # the restart may still come, so both stay (the marker makes it announce itself).
+            await self.markers.discard()
+            cooldown = self.cooldowns.get("bot_restart")
+            if cooldown is not None:
+                await cooldown.release("bot_restart")
         await self._reply(ctx, f"❌ Could not restart {inline_code(unit)}", summary)
-        failed = Outcome("failed", acted=False, detail=summary)
+        failed = Outcome("failed", acted=acted, detail=summary)
         await self._audit(ctx, "bot_restart", (), failed, time.monotonic() - started)
 
     async def _close_and_exit(self) -> None:
@@ -1152,12 +1166,13 @@ class AdminOps(commands.Cog):
         if unit is None:
             raise RuntimeError("unreachable: _invoke refuses an unset unit")
         async with self._typing(ctx):
-            ok, summary = await systemctl_restart(unit)
+            ok, summary = await systemctl_restart(unit, secrets=self._secrets())
         if ok:
             await self._reply(ctx, f"✅ Restarted {inline_code(unit)}", summary)
             return Outcome("ok", detail=summary)
         await self._reply(ctx, f"❌ Could not restart {inline_code(unit)}", summary)
-        return Outcome("failed", acted=False, detail=summary)
+        # A timed-out restart may still complete, so it keeps its cooldown.
+        return Outcome("failed", acted=SYSTEMCTL_TIMED_OUT in summary, detail=summary)
 
     async def _status(self, ctx: commands.Context[Any]) -> Outcome:
         settings = self.settings

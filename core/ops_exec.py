@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_KILL_GRACE",
     "GIT_ENV_ALLOWLIST",
     "GIT_ENV_FIXED",
+    "SYSTEMCTL_TIMED_OUT",
     "UNIT_SUFFIXES",
     "Cooldown",
     "ExecResult",
@@ -527,12 +528,23 @@ def validate_unit_name(name: str) -> str:
     return full
 
 
-def systemctl_argv() -> list[str]:
-    """The systemctl program: ``$OPS_SYSTEMCTL`` (e.g. ``sudo -n systemctl``) or ``systemctl``."""
-    configured = os.environ.get("OPS_SYSTEMCTL", "").strip()
-    return shlex.split(configured) if configured else ["systemctl"]
+def systemctl_argv(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The systemctl program: ``$OPS_SYSTEMCTL`` (e.g. ``sudo -n systemctl``) or ``systemctl``.
+
+    Read from ``environ`` (default ``os.environ``) at each call. Raises ValueError with a
+    one-line reason when ``$OPS_SYSTEMCTL`` cannot be split.
+    """
+    configured = (os.environ if environ is None else environ).get("OPS_SYSTEMCTL", "").strip()
+    try:
+        argv = shlex.split(configured) if configured else ["systemctl"]
+    except ValueError as exc:
+        raise ValueError(f"OPS_SYSTEMCTL cannot be split like a shell would: {exc}") from None
+    return argv or ["systemctl"]
 
 
+#: Every systemctl summary for a timed-out call contains this: the job may still complete, so a
+#: caller must not treat a timeout as "nothing happened".
+SYSTEMCTL_TIMED_OUT = "timed out after"
 _SYSTEMCTL_BOILERPLATE = re.compile(r"^See system logs and 'systemctl status .*$", re.MULTILINE)
 _PERMISSION_WORDS = ("Access denied", "Interactive authentication required", "a password is")
 
@@ -543,7 +555,7 @@ def _systemctl_failure(
     if result.timed_out:
         # systemd keeps the job after its client is gone: say so rather than claim it failed.
         text = (
-            f"systemctl {verb} {unit} timed out after {timeout:g}s; the job may still "
+            f"systemctl {verb} {unit} {SYSTEMCTL_TIMED_OUT} {timeout:g}s; the job may still "
             f"complete (check `systemctl status {unit}`)"
         )
     elif result.returncode is None:
@@ -568,9 +580,10 @@ async def systemctl_restart(
     """
     try:
         unit = validate_unit_name(service)
+        program = systemctl_argv()
     except ValueError as exc:
         return False, str(exc)
-    argv = [*systemctl_argv(), "--no-ask-password", "restart", "--", unit]
+    argv = [*program, "--no-ask-password", "restart", "--", unit]
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
         return True, redact(f"restarted {unit}")
@@ -587,10 +600,11 @@ async def deferred_systemctl_restart(
     """
     try:
         unit = validate_unit_name(service)
+        program = systemctl_argv()
     except ValueError as exc:
         return False, str(exc)
     await asyncio.sleep(delay)
-    argv = [*systemctl_argv(), "--no-block", "--no-ask-password", "restart", "--", unit]
+    argv = [*program, "--no-block", "--no-ask-password", "restart", "--", unit]
     timeout = 10.0
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
@@ -602,9 +616,10 @@ async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:
     """``systemctl is-active`` for one unit: ``active``, ``inactive``, ``failed``, ``unknown``…"""
     try:
         name = validate_unit_name(unit)
+        program = systemctl_argv()
     except ValueError as exc:
         return f"unknown ({exc})"
-    argv = [*systemctl_argv(), "--no-ask-password", "is-active", "--", name]
+    argv = [*program, "--no-ask-password", "is-active", "--", name]
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     state = result.stdout.strip().splitlines()
     if state and state[0]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from core.ops_exec import redact, validate_unit_name
+from core.ops_exec import redact, systemctl_argv, validate_unit_name
 
 __all__ = [
     "COMMANDS",
@@ -238,6 +238,11 @@ class Settings:
             )
             control_identity = None
 
+        try:
+            # Read by core.ops_exec at each call; checked here so a typo stops the start-up.
+            systemctl_argv(env)
+        except ValueError as exc:
+            reader.problem("OPS_SYSTEMCTL", str(exc).removeprefix("OPS_SYSTEMCTL "))
         redact_env = reader.names("OPS_REDACT_ENV")
         secret_values = [token, _url_password(redis_url)]
         secret_values += [env.get(name) for name in (*ALWAYS_SECRET, *redact_env)]
@@ -296,7 +301,9 @@ class _Reader:
         self.problems: list[str] = []
 
     def problem(self, name: str, message: str) -> None:
-        self.problems.append(f"{name}: {message}")
+        # Messages quote the bad value, and people paste tokens into the wrong variable.
+        known = [self.env.get(var, "") for var in ("DISCORD_TOKEN", *ALWAYS_SECRET)]
+        self.problems.append(redact(f"{name}: {message}", known))
 
     def text(self, name: str) -> str | None:
         """The stripped value, or None when unset or blank."""

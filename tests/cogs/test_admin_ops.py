@@ -225,6 +225,55 @@ async def test_proxy_restart_failure_is_reported_and_releases_the_cooldown(
     assert len(systemctl.calls()) == 2
 
 
+async def test_a_timed_out_proxy_restart_keeps_the_cooldown(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent
+):
+    # systemd keeps the job after a timeout, so the restart may still happen: no instant retry.
+    calls: list[str] = []
+
+    async def timed_out(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
+        calls.append(unit)
+        return False, f"systemctl restart {unit} timed out after 20s; the job may still complete"
+
+    monkeypatch.setattr(admin_ops, "systemctl_restart", timed_out)
+    await harness.add_cog()
+    message = await harness.say("!proxy_restart")
+    assert only_reply(sent, message).content.startswith("❌ Could not restart `proxy.service`")
+    message = await harness.say("!proxy_restart", member=harness.admins[1])
+    assert "is cooling down" in only_reply(sent, message).content
+    assert calls == ["proxy.service"]
+
+
+async def test_bot_restart_is_still_running_while_its_request_waits(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent
+):
+    # The request waits OPS_RESTART_DELAY after the reply; a second !bot_restart meanwhile must
+    # be refused even with no cooldown at all.
+    requested, release = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def gated(unit: str, *, delay: float = 1.0, **_: object) -> tuple[bool, str]:
+        calls.append(unit)
+        requested.set()
+        await release.wait()
+        return True, f"restart of {unit} requested"
+
+    monkeypatch.setattr(admin_ops, "deferred_systemctl_restart", gated)
+    await harness.add_cog(harness.settings(OPS_COOLDOWN_BOT_RESTART="0"))
+    first = dpytest.backend.make_message("!bot_restart", harness.admins[0], harness.channel)
+    await asyncio.wait_for(requested.wait(), 5)
+    second = dpytest.backend.make_message("!bot_restart", harness.admins[1], harness.channel)
+    try:
+        await asyncio.wait_for(dpytest.runner.sent_queue.get(), 5)  # the first's reply
+        await asyncio.wait_for(dpytest.runner.sent_queue.get(), 5)  # the answer to the second
+    finally:
+        release.set()
+    await dpytest.run_all_events()
+    assert only_reply(sent, second).content.startswith("`!bot_restart` is already running")
+    assert only_reply(sent, first).content.startswith("♻️ Restarting")
+    assert calls == ["bot.service"]
+
+
 async def test_cooldown_refuses_a_second_run(harness: Harness, systemctl: SystemctlStub, sent):
     await harness.add_cog()
     await harness.say("!proxy_restart")
@@ -241,7 +290,7 @@ async def test_a_second_invocation_while_one_runs_is_refused_at_once(
 ):
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_restart(unit: str, timeout: float = 20.0) -> tuple[bool, str]:
+    async def slow_restart(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
         started.set()
         await release.wait()
         return True, f"restarted {unit}"
@@ -285,7 +334,7 @@ async def test_an_unexpected_error_is_answered_in_one_sentence(
 async def test_a_failing_action_is_answered_audited_and_frees_the_command(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
 ):
-    async def crash(unit: str, timeout: float = 20.0) -> tuple[bool, str]:
+    async def crash(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
         raise OSError("disk on fire")
 
     monkeypatch.setattr(admin_ops, "systemctl_restart", crash)

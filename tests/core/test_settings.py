@@ -253,3 +253,27 @@ def test_imports_only_the_standard_library() -> None:
     ]
     assert foreign == []
     assert "core.settings" in loaded
+
+
+def test_problems_never_quote_a_secret() -> None:
+    token = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
+    found = problems(
+        DISCORD_TOKEN=token,
+        OPS_ADMIN_ROLE_IDS=token,  # pasted into the wrong variable
+        OPS_PULL_TARGETS="site=https://deploy:ghp_abcdefghijklmnopqrstuvwxyz0123456789@git.x/y",
+        OPS_CONTROL_SECRET="control-secret-value",
+        OPS_CHANNEL_IDS="control-secret-value",
+    )
+    text = "\n".join(found)
+    assert any(p.startswith("OPS_ADMIN_ROLE_IDS") for p in found)
+    assert any(p.startswith("OPS_CHANNEL_IDS") for p in found)
+    assert "GaBcDe" not in text
+    assert "ghp_" not in text
+    assert "control-secret-value" not in text
+
+
+def test_ops_systemctl_must_split_like_a_shell_would() -> None:
+    [problem] = problems(OPS_SYSTEMCTL='sudo -n "systemctl')
+    assert problem.startswith("OPS_SYSTEMCTL")
+    assert "split" in problem
+    assert load(OPS_SYSTEMCTL="sudo -n /usr/bin/systemctl")
