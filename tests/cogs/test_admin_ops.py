@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import discord
 import discord.ext.test as dpytest
 import pytest
 import redis.asyncio as aioredis
+from discord.context_managers import Typing
 from discord.ext import commands
 from hypothesis import given
 from hypothesis import strategies as st
@@ -866,3 +869,267 @@ async def test_failed_restart_request_is_audited_again(
         json.loads(r.getMessage())["outcome"] for r in caplog.records if r.name == AUDIT_LOGGER
     ]
     assert outcomes == ["restart requested", "failed"]
+
+
+# --------------------------------------------------------------------------------------------
+# Guarantees each pinned by one test (a reviewer removed each one and every other test passed)
+# --------------------------------------------------------------------------------------------
+
+
+async def test_a_long_outputs_attachment_is_redacted_too(
+    harness: Harness, git_repos: Any, monkeypatch: pytest.MonkeyPatch, sent
+):
+    # The cog redacts whatever it shows, even output whose source did not (here a pull run
+    # without the cog's secrets), and an attachment is shown as much as the message text.
+    bot_token = harness.base_env["DISCORD_TOKEN"]
+    extra = "hunter2-database-password"
+    real_pull = admin_ops.run_git_pull
+
+    async def forgetful_pull(*args: Any, **kwargs: Any) -> Any:
+        return await real_pull(*args, **{**kwargs, "secrets": ()})
+
+    monkeypatch.setattr(admin_ops, "run_git_pull", forgetful_pull)
+    await harness.add_cog(harness.settings(OPS_REDACT_ENV="DB_PASSWORD", DB_PASSWORD=extra))
+    for n in range(9):
+        git_repos.commit_upstream(f"Change {n} " + "y" * 250)
+    git_repos.commit_upstream(f"Leak {bot_token} and {extra} here")
+    message = await harness.say("!bot_pull")
+    reply = only_reply(sent, message)
+    assert reply.content == "✅ `bot` updated\n📎 Full output attached."
+    attached = reply.files["bot_pull.txt"]
+    assert "Leak *** and *** here" in attached
+    assert bot_token not in attached
+    assert extra not in attached
+
+
+async def test_back_online_waits_until_the_bot_is_ready(harness: Harness, sent):
+    await harness.add_cog()
+    message = await harness.say("!bot_restart")
+    count = len(sent)
+    # The new process loads the cog before it is connected.
+    await harness.remove_cog()
+    assert not harness.bot.is_ready()
+    cog = await harness.add_cog()
+    await dpytest.run_all_events()
+    if cog.back_online_task is not None:  # give a premature notice every chance to go out
+        await cog.back_online_task
+    assert sent[count:] == []
+    assert cog.markers.path.exists()
+
+    harness.bot._ready.set()
+    harness.bot.dispatch("ready")
+    await dpytest.run_all_events()
+    assert cog.back_online_task is not None
+    await cog.back_online_task
+    [notice] = sent[count:]
+    assert notice.content.startswith("✅ Back online after ")
+    assert notice.reference == message.id
+
+
+async def test_the_audit_stream_is_capped_near_10000_entries(
+    harness: Harness,
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    sent,
+    key_prefix: str,
+):
+    stream = f"{key_prefix}:audit"
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for n in range(10_500):
+            pipe.xadd(stream, {"n": str(n)})
+        await pipe.execute()
+    calls: list[dict[str, Any]] = []
+    real_xadd = redis_client.xadd
+
+    async def xadd(name: str, fields: dict[str, Any], **kwargs: Any) -> Any:
+        calls.append({"name": name, **kwargs})
+        return await real_xadd(name, fields, **kwargs)
+
+    monkeypatch.setattr(redis_client, "xadd", xadd)
+    await harness.add_cog(redis=redis_client, key_prefix=key_prefix)
+    await harness.say("!ops_status")
+    [call] = calls
+    assert call["name"] == stream
+    assert call.get("maxlen") == 10_000
+    assert call.get("approximate", True) is True  # "~": Redis trims whole nodes, cheaply
+    # Approximate trimming leaves at most one node (100 entries) beyond the cap.
+    assert 10_000 <= await redis_client.xlen(stream) <= 10_100
+    await redis_client.delete(stream)
+
+
+async def test_pull_shows_typing_while_git_runs(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent
+):
+    events: list[Any] = []
+    real_enter, real_exit = Typing.__aenter__, Typing.__aexit__
+    real_pull = admin_ops.run_git_pull
+
+    async def enter(self: Typing) -> None:
+        await real_enter(self)
+        events.append(("typing in", self.channel.id if self.channel else None))
+
+    async def exit_(self: Typing, *exc: Any) -> None:
+        events.append("typing stopped")
+        await real_exit(self, *exc)
+
+    async def pull(*args: Any, **kwargs: Any) -> Any:
+        events.append("git starts")
+        try:
+            return await real_pull(*args, **kwargs)
+        finally:
+            events.append("git ends")
+
+    monkeypatch.setattr(Typing, "__aenter__", enter)
+    monkeypatch.setattr(Typing, "__aexit__", exit_)
+    monkeypatch.setattr(admin_ops, "run_git_pull", pull)
+    await harness.add_cog()
+    message = await harness.say("!bot_pull")
+    assert only_reply(sent, message).content.startswith("✅ `bot` already up to date")
+    assert events == [
+        ("typing in", harness.channel.id),
+        "git starts",
+        "git ends",
+        "typing stopped",
+    ]
+
+
+async def test_the_channel_check_comes_before_the_configuration_check(
+    harness: Harness, systemctl: SystemctlStub, sent
+):
+    # An admin in the wrong channel learns nothing about what is configured.
+    settings = harness.settings(OPS_CHANNEL_IDS=str(harness.channel.id), OPS_PROXY_SERVICE="")
+    await harness.add_cog(settings)
+    message = await harness.say("!proxy_restart", channel=harness.other_channel)
+    assert only_reply(sent, message).content == "`!proxy_restart` can't be used in this channel."
+    message = await harness.say("!bot_pull nope", channel=harness.other_channel)
+    assert only_reply(sent, message).content == "`!bot_pull` can't be used in this channel."
+    assert systemctl.calls() == []
+
+
+async def test_audit_records_are_redacted(
+    harness: Harness,
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    sent,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+):
+    token = harness.base_env["DISCORD_TOKEN"]
+
+    async def leaky(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
+        raise OSError(f"cannot reach the bus with {token}")
+
+    monkeypatch.setattr(admin_ops, "systemctl_restart", leaky)
+    settings = harness.settings(OPS_AUDIT_CHANNEL_ID=str(harness.other_channel.id))
+    await harness.add_cog(settings, redis=redis_client, key_prefix=key_prefix)
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        await harness.say(f"!bot_pull {token}")  # pasted into the wrong window
+        await harness.say("!proxy_restart")
+    lines = [r.getMessage() for r in caplog.records if r.name == AUDIT_LOGGER]
+    records = [json.loads(line) for line in lines]
+    assert [(r["command"], r["outcome"]) for r in records] == [
+        ("bot_pull", "refused:config"),
+        ("proxy_restart", "error"),
+    ]
+    assert records[0]["args"] == ["***"]
+    assert records[1]["detail"] == "OSError: cannot reach the bus with ***"
+    assert all(token not in line for line in lines)
+
+    entries = await redis_client.xrange(f"{key_prefix}:audit")
+    assert [e[1][b"args"] for e in entries] == [b'["***"]', b"[]"]
+    assert entries[1][1][b"detail"] == b"OSError: cannot reach the bus with ***"
+    assert all(token.encode() not in value for _, e in entries for value in e.values())
+    assert all(token not in (s.content or "") for s in sent)
+
+
+async def test_pull_names_this_instance_host_service_and_pid(
+    harness: Harness, redis_client: Any, monkeypatch: pytest.MonkeyPatch, sent, key_prefix: str
+):
+    # The Redis lock's holder: another service skipping this pull is told who holds it.
+    calls: list[dict[str, Any]] = []
+    real_pull = admin_ops.run_git_pull
+
+    async def pull(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return await real_pull(*args, **kwargs)
+
+    monkeypatch.setattr(admin_ops, "run_git_pull", pull)
+    await harness.add_cog(redis=redis_client, key_prefix=key_prefix)
+    message = await harness.say("!bot_pull")
+    assert only_reply(sent, message).content.startswith("✅")
+    [kwargs] = calls
+    assert kwargs["instance_id"] == f"{socket.gethostname()}:bot.service:{os.getpid()}"
+    assert kwargs["redis"] is redis_client
+    assert kwargs["dedupe"] is True
+
+
+def make_thread(parent: discord.TextChannel, owner: discord.Member) -> discord.Thread:
+    """A public thread of ``parent``, known to its guild (dpytest 0.7.0 cannot make threads)."""
+    data: Any = {
+        "id": dpytest.factories.make_id(),
+        "guild_id": parent.guild.id,
+        "parent_id": parent.id,
+        "owner_id": owner.id,
+        "name": "incident",
+        "type": discord.ChannelType.public_thread.value,
+        "message_count": 0,
+        "member_count": 1,
+        "rate_limit_per_user": 0,
+        "thread_metadata": {
+            "archived": False,
+            "auto_archive_duration": 1440,
+            "archive_timestamp": "2024-01-01T00:00:00+00:00",
+            "locked": False,
+        },
+    }
+    thread = discord.Thread(guild=parent.guild, state=dpytest.backend.get_state(), data=data)
+    parent.guild._add_thread(thread)
+    return thread
+
+
+async def test_a_thread_of_an_allowed_channel_is_allowed(
+    harness: Harness, systemctl: SystemctlStub, sent
+):
+    await harness.add_cog(harness.settings(OPS_CHANNEL_IDS=str(harness.channel.id)))
+    thread = make_thread(harness.channel, harness.admins[0])
+    message = await harness.say("!proxy_restart", channel=thread)
+    assert only_reply(sent, message).content.startswith("✅ Restarted `proxy.service`")
+    elsewhere = make_thread(harness.other_channel, harness.admins[1])
+    message = await harness.say("!ops_status", channel=elsewhere)
+    assert only_reply(sent, message).content == "`!ops_status` can't be used in this channel."
+    assert len(systemctl.calls()) == 1
+
+
+async def test_the_connections_token_is_redacted_when_not_in_the_settings(
+    harness: Harness, git_repos: Any, tmp_path: Path, sent
+):
+    # Loaded into an existing bot that got its token elsewhere: DISCORD_TOKEN is unset.
+    connection_token = "connection-token-" + "Zx9q" * 6
+    harness.bot.http.token = connection_token
+    failing = write_script(
+        tmp_path / "failing-upload-pack",
+        f"echo 'hook said {connection_token}' >&2\nexit 128\n",
+    )
+    git(git_repos.clone, "config", "remote.origin.uploadpack", str(failing))
+    await harness.add_cog(harness.settings(DISCORD_TOKEN=""))
+    message = await harness.say("!bot_pull")
+    reply = only_reply(sent, message)
+    assert reply.content.startswith("❌ `bot` pull failed")
+    assert "hook said ***" in reply.content
+    assert all(connection_token not in (s.content or "") for s in sent)
+
+
+async def test_exit_mode_writes_the_marker_before_closing_the_bot(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent
+):
+    settings = harness.settings(OPS_RESTART_MODE="exit", OPS_BOT_SERVICE="")
+    marker_written_at_close: list[bool] = []
+
+    async def close() -> None:
+        marker_written_at_close.append(settings.marker_file.exists())
+
+    monkeypatch.setattr(harness.bot, "close", close)
+    await harness.add_cog(settings)
+    await harness.say("!bot_restart")
+    assert marker_written_at_close == [True]
+    assert harness.exits == [26]
