@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import aiohttp
 import discord
 import redis.asyncio as aioredis
 from discord.ext import commands
@@ -78,6 +79,9 @@ audit_log = logging.getLogger(f"{__name__}.audit")
 
 #: Every send and reply carries this: output quoting "@everyone" or a role pings nobody.
 NO_MENTIONS = discord.AllowedMentions.none()
+#: What a send or edit may raise besides Discord's refusal: discord.py re-raises connection
+#: resets (aiohttp.ClientOSError) and timeouts as they are.
+SEND_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 #: Discord's limit on a message's text.
 MESSAGE_LIMIT = 2000
 #: What a supervisor (systemd ``RestartForceExitStatus=26``, Docker, pm2) reads as "restart me".
@@ -469,7 +473,11 @@ class LiveMessage:
             content = self._render()
             ok = True
             if content != self._shown:
-                ok = await self._edit(content)
+                try:
+                    ok = await self._edit(content)
+                except Exception:  # a failed edit must not end the loop: the final one matters
+                    log.exception("live message edit failed")
+                    ok = False
                 self._last = self._clock()
                 self.edits += 1
                 if ok:
@@ -1007,7 +1015,7 @@ class AdminOps(commands.Cog):
             kwargs["mention_author"] = False
         try:
             return await channel.send(content, **kwargs)
-        except discord.HTTPException as exc:
+        except SEND_ERRORS as exc:
             log.warning("cannot send to %s: %s", getattr(channel, "id", channel), exc)
             return None
 
@@ -1289,7 +1297,11 @@ class AdminOps(commands.Cog):
             board.finish(fleet)
 
         content, complete = board.render()
-        shown = await live.finish() if live is not None else False
+        try:
+            shown = await live.finish() if live is not None else False
+        except Exception:
+            log.exception("live message edit loop failed")
+            shown = False
         if not shown:
             # No live message (no host was expected, or the first send failed), or the last
             # edit failed (the message was deleted): the final state goes out as a new message.
@@ -1316,7 +1328,7 @@ class AdminOps(commands.Cog):
                 reference=ctx.message.to_reference(fail_if_not_exists=False),
                 mention_author=False,
             )
-        except discord.HTTPException as exc:
+        except SEND_ERRORS as exc:
             log.warning("cannot send to %s: %s", ctx.channel.id, exc)
             return None
 
@@ -1324,7 +1336,7 @@ class AdminOps(commands.Cog):
         """Edit a live fleet message; False (logged) when Discord refuses."""
         try:
             await message.edit(content=content, allowed_mentions=NO_MENTIONS)
-        except discord.HTTPException as exc:
+        except SEND_ERRORS as exc:
             log.warning("cannot edit message %s: %s", message.id, exc)
             return False
         return True

@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from core.ops_exec import (
     deferred_systemctl_restart,
@@ -144,6 +144,9 @@ COMMAND_STREAM_MAXLEN: Final = 10_000
 # The marker must outlive the command's validity, else a replay after the marker lapsed but before
 # expiry could run twice; a day on top also covers clock skew between hosts.
 MARKER_GRACE_SECONDS: Final = 86_400
+#: The longest validity a command may carry. A longer one is malformed: it would outlive every
+#: marker that keeps it from running twice, and Redis refuses absurd expiry times outright.
+MAX_COMMAND_TTL: Final = 86_400.0
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 30.0
 # XREADGROUP BLOCK must stay below the client's socket timeout, or redis-py reports a timeout on a
@@ -297,6 +300,8 @@ def build_command(
         raise ValueError("a shared secret is required to sign commands")
     if isinstance(args, str) or not all(isinstance(arg, str) for arg in args):
         raise TypeError("args must be a sequence of str")
+    if not 0 < ttl <= MAX_COMMAND_TTL:
+        raise ValueError(f"ttl must be more than 0 and at most {MAX_COMMAND_TTL:g} seconds")
     issued = time.time() if now is None else now
     fields = {
         "id": command_id or uuid.uuid4().hex,
@@ -330,6 +335,10 @@ def verify_signature(fields: Mapping[str, str], secret: str) -> SignedCommand:
         raise CommandRejected("rejected: malformed command (args is not a JSON array of strings)")
     if not (math.isfinite(issued_at) and math.isfinite(expires_at)):
         raise CommandRejected("rejected: malformed command (non-finite timestamp)")
+    if not 0 <= expires_at - issued_at <= MAX_COMMAND_TTL:
+        raise CommandRejected(
+            f"rejected: malformed command (validity must be 0 to {MAX_COMMAND_TTL:g} s)"
+        )
     return SignedCommand(
         id=fields["id"],
         op=fields["op"],
@@ -869,7 +878,7 @@ class ControlDaemon:
             if not entries:
                 return
             for entry_id, fields in entries:
-                await self._handle_entry(entry_id, fields)
+                await self._handle_entry_or_drop(entry_id, fields)
                 last_id = entry_id
 
     async def _consume_new(self) -> None:
@@ -886,7 +895,7 @@ class ControlDaemon:
             finally:
                 self._waiting_for_work = False
             for entry_id, fields in _stream_entries(response):
-                await self._handle_entry(entry_id, fields)
+                await self._handle_entry_or_drop(entry_id, fields)
 
     async def _call(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
         return await _bounded(awaitable, timeout or self._call_timeout)
@@ -947,6 +956,19 @@ class ControlDaemon:
             log.warning("could not delete the heartbeat of %s: %s", self.identity, exc)
 
     # -- one command ----------------------------------------------------------------------------
+
+    async def _handle_entry_or_drop(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Handle one entry; one that Redis itself refuses to process is dropped, not retried.
+
+        A ResponseError is the server's deterministic "no" (a wrong type at a key, an argument
+        out of range): retrying it would stall every later command behind it forever.
+        """
+        try:
+            await self._handle_entry(entry_id, fields)
+        except ResponseError as exc:
+            log.error("dropping stream entry %s: Redis refused to process it (%s)", entry_id, exc)
+            self._unwritten = [f for f in self._unwritten if f.entry_id != entry_id]
+            await self._call(self._redis.xack(self._stream, self._group, entry_id))
 
     async def _handle_entry(self, entry_id: str, fields: dict[str, str]) -> None:
         started = time.monotonic()
@@ -1052,6 +1074,8 @@ class ControlDaemon:
         """Write the result and acknowledge, then run what must come after the answer."""
         try:
             written, marker = await self._write_and_ack(finish)
+        except ResponseError:
+            raise  # deterministic: keeping it would fail the same way on every reconnect
         except BaseException:
             # Kept for the next connection, so a completed op's answer survives a Redis outage
             # (a daemon that dies meanwhile answers "interrupted" after it restarts instead).
@@ -1162,7 +1186,8 @@ class ControlDaemon:
 
 def _marker_ttl_ms(command: SignedCommand) -> int:
     """How long the at-most-once marker lives: the command's remaining validity plus a day."""
-    return int((max(0.0, command.expires_at - time.time()) + MARKER_GRACE_SECONDS) * 1000)
+    remaining = min(max(0.0, command.expires_at - time.time()), MAX_COMMAND_TTL)
+    return int((remaining + MARKER_GRACE_SECONDS) * 1000)
 
 
 def _command_fields(command: SignedCommand) -> dict[str, str]:

@@ -111,6 +111,10 @@ def sanitize_output(data: bytes) -> str:
 # Up to the last '@' of the URL: passwords may contain '@' and '/' when not percent-encoded.
 # Over-redacting a path that contains '@' is the lesser evil.
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^\s'\"<>]*@")
+# Credentials passed as URL query parameters (redis-py accepts ``?password=``).
+_QUERY_CREDENTIALS = re.compile(
+    r"(?i)(?P<key>[?&](?:password|passwd|pass|pwd|token|access_token|secret)=)[^&\s'\"<>]+"
+)
 _TOKEN_SHAPES = (
     # Discord bot tokens: base64 user id, timestamp, HMAC.
     re.compile(r"\b[A-Za-z0-9_\-]{23,28}\.[A-Za-z0-9_\-]{6,7}\.[A-Za-z0-9_\-]{27,}"),
@@ -130,6 +134,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len)[::-1]:
         text = text.replace(secret, REDACTED)
     text = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    text = _QUERY_CREDENTIALS.sub(lambda m: f"{m.group('key')}{REDACTED}", text)
     for shape in _TOKEN_SHAPES:
         text = shape.sub(REDACTED, text)
     return text

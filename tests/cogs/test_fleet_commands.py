@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 import discord.ext.test as dpytest
 import pytest
@@ -821,3 +822,29 @@ async def test_redis_down_before_publishing_is_reported_and_releases_the_cooldow
     finally:
         await dead.aclose()
     assert audit_outcomes(caplog) == [("fleet_pull", "failed"), ("fleet_pull", "failed")]
+
+
+async def test_a_connection_reset_on_an_edit_does_not_lose_the_final_state() -> None:
+    # discord.py re-raises connection resets (aiohttp.ClientOSError) from an edit as they are.
+    clock = FakeClock()
+    state = {"n": 0}
+    shown: list[tuple[float, str]] = []
+    blips = [aiohttp.ClientOSError(104, "Connection reset by peer")]
+
+    async def edit(content: str) -> bool:
+        if blips:
+            raise blips.pop()
+        shown.append((clock.now, content))
+        return True
+
+    live = LiveMessage(
+        lambda: f"state {state['n']}", edit, shown="state 0", clock=clock, sleep=clock.sleep
+    )
+    state["n"] = 1
+    live.changed()
+    await clock.advance(1.0)  # this edit hits the reset
+    state["n"] = 2
+    finishing = asyncio.create_task(live.finish())
+    await clock.advance(2.0)
+    assert await finishing is True
+    assert shown == [(2.0, "state 2")]

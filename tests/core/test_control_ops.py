@@ -50,6 +50,7 @@ from core.control_ops import (
     publish,
     ran_marker_key,
     results_key,
+    sign_fields,
     verify_command,
 )
 from tests.conftest import GitRepos, RedisServer, free_port, git, start_redis_server
@@ -930,3 +931,60 @@ async def test_stopping_right_after_an_answer_is_prompt(
             await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), DEADLINE)
         assert time.monotonic() - started < 1.0, f"attempt {attempt}"
         assert not await redis_client.exists(heartbeat_key(f"quick-{attempt}", key_prefix))
+
+
+async def test_an_absurd_validity_is_rejected_and_does_not_stall_the_daemon(
+    new_client: Callable[..., aioredis.Redis], redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    # Validly signed, but valid for ~300 million years: Redis would refuse the marker's expiry,
+    # and the entry, retried forever, would stall every command behind it.
+    fields = build_command("restart", ["proxy"], requested_by="ops", secret=SECRET)
+    fields["expires_at"] = repr(float(fields["issued_at"]) + 1e16)
+    fields["sig"] = sign_fields(fields, SECRET)
+    daemon = make_daemon(new_client(), "h1", key_prefix, restart_units=["proxy"])
+    async with serving(daemon):
+        await xadd_command(redis_client, fields, key_prefix)
+        answer = (await read_results(redis_client, fields["id"], ["h1"], key_prefix))["h1"]
+        assert (answer.ok, answer.ran) == (False, False)
+        assert answer.summary.startswith("rejected: malformed command (validity")
+        fleet = await publish(
+            redis_client, "ping", [], requested_by="ops", secret=SECRET, prefix=key_prefix
+        )
+        assert fleet.ok, fleet
+    with pytest.raises(ValueError, match="ttl"):
+        build_command("ping", [], requested_by="ops", secret=SECRET, ttl=1e16)
+
+
+async def test_a_new_daemon_never_replays_history(
+    new_client: Callable[..., aioredis.Redis], redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    old = build_command("ping", [], requested_by="ops", secret=SECRET)
+    await xadd_command(redis_client, old, key_prefix)  # published before the daemon existed
+    daemon = make_daemon(new_client(), "newcomer", key_prefix)
+    async with serving(daemon):
+        fleet = await publish(
+            redis_client, "ping", [], requested_by="ops", secret=SECRET, prefix=key_prefix
+        )
+        assert fleet.ok, fleet
+    # The new command was answered (so the daemon did read the stream); the old one never was.
+    assert await redis_client.xlen(results_key(old["id"], key_prefix)) == 0
+
+
+async def test_own_units_grant_nothing(
+    new_client: Callable[..., aioredis.Redis],
+    redis_client: aioredis.Redis,
+    key_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stand_in, record = systemctl_stand_in(tmp_path)
+    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    daemon = make_daemon(
+        new_client(), "h1", key_prefix, restart_units=["proxy"], own_units=["bot.service"]
+    )
+    async with serving(daemon):
+        fleet = await publish(
+            redis_client, "restart", ["bot"], requested_by="ops", secret=SECRET, prefix=key_prefix
+        )
+    assert fleet.results["h1"].summary == NOT_ALLOWED
+    assert recorded_calls(record) == []

@@ -57,3 +57,11 @@ def test_passwords_with_at_or_slash_are_redacted(url: str) -> None:
     assert "dEf" not in redacted
     assert "s3cr" not in redacted
     assert "***@" in redacted
+
+
+def test_credentials_in_query_parameters_are_redacted() -> None:
+    text = "redis://127.0.0.1:6379/0?password=hunter2secret&db=1 https://x/y?token=abc123def"
+    redacted = redact(text)
+    assert "hunter2secret" not in redacted
+    assert "abc123def" not in redacted
+    assert "?password=***&db=1" in redacted
