@@ -29,9 +29,6 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,15 +51,10 @@ from core.control_ops import (
     ran_marker_key,
     results_key,
 )
+from tests.redis_proc import free_port, start_redis_server, stop_redis_server
 
 SECRET = uuid.uuid4().hex  # any shared secret will do; a fresh one per run
 ROUND_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -71,29 +63,18 @@ def redis_server() -> Iterator[str]:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed (apt-get install redis-server), or set REDIS_URL")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as workdir:
-        argv = [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", workdir, "--logfile", f"{workdir}/redis.log",
-            "--maxclients", "10000",
-        ]  # fmt: skip
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # A connection per daemon and per floor consumer: room for thousands of clients.
+        maxclients = ("--maxclients", "10000")
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    sys.exit("redis-server did not start")
-                time.sleep(0.02)  # polling a port being opened: nothing to wait on
+            proc = start_redis_server(Path(workdir), port, extra_args=maxclients)
+        except RuntimeError as exc:
+            sys.exit(str(exc))
+        try:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_redis_server(proc)
 
 
 def _client(url: str) -> aioredis.Redis:

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +46,7 @@ add_repo_root_to_path()
 import redis.asyncio as aioredis  # noqa: E402
 
 from core.ops_exec import PullResult, git_env, run_git_pull  # noqa: E402
+from tests.redis_proc import free_port, start_redis_server, stop_redis_server  # noqa: E402
 
 TARGET_RATIO = 1.5
 FLOOR_ARGV = ("git", "-c", "credential.helper=", "pull", "--ff-only", "--no-rebase", "-q")
@@ -130,57 +129,6 @@ def make_repos(tmp: Path) -> Repos:
     wrapper.chmod(0o755)
     git(clone, "config", "remote.origin.uploadpack", str(wrapper))
     return Repos(origin=origin, work=work, clone=clone, counter=counter)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed; install it or set REDIS_URL")
-    port = free_port()
-    log = workdir / "redis.log"
-    argv = [
-        binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(workdir),
-        "--logfile", str(log),
-        "--daemonize", "no",
-    ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited early: {log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            pass
-        time.sleep(0.02)  # a port being opened: there is no event to wait on
-    stop_redis(proc)
-    raise RuntimeError(f"redis-server did not answer on port {port}")
-
-
-def stop_redis(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the redis-server this script started (by its PID, through Popen)."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,14 +295,18 @@ def main() -> int:
         url = os.environ.get("REDIS_URL", "")
         try:
             if not url:
-                (tmp / "redis").mkdir()
-                redis_proc, url = start_redis(tmp / "redis")
+                port = free_port()
+                try:
+                    redis_proc = start_redis_server(tmp / "redis", port)
+                except RuntimeError as exc:
+                    raise SystemExit(str(exc)) from None
+                url = f"redis://127.0.0.1:{port}/0"
             started = time.perf_counter()
             warmup, samples = asyncio.run(measure(repos, url, args.rounds, args.concurrency))
             wall = time.perf_counter() - started
         finally:
             if redis_proc is not None:
-                stop_redis(redis_proc)
+                stop_redis_server(redis_proc)
         where = "its own redis-server (now stopped)" if redis_proc is not None else "REDIS_URL"
         print(f"redis: {where}")
         return report(warmup, samples, args.concurrency, wall, args.rounds)

@@ -8,10 +8,7 @@ session (``REDIS_URL`` overrides it); a Redis we did not start is never flushed.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+
+# Other test modules import free_port and start_redis_server from here: keep them importable.
+from tests.redis_proc import free_port, start_redis_server, stop_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,53 +32,6 @@ class RedisServer:
     port: int | None = None
     pid: int | None = None
     workdir: Path | None = None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_redis(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited early: {log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        # Polling a port that is being opened: there is no event to wait on.
-        time.sleep(0.02)
-    raise RuntimeError(f"redis-server did not answer on port {port}")
-
-
-def start_redis_server(workdir: Path, port: int | None = None) -> subprocess.Popen[bytes]:
-    """Start a redis-server that keeps nothing on disk; its output goes to a log file."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (make test installs it as root)")
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "redis.log"
-    argv = [
-        binary,
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(workdir),
-        "--logfile", str(log),
-        "--daemonize", "no",
-    ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    _wait_for_redis(port, proc, log)
-    return proc
 
 
 @pytest.fixture(scope="session")
@@ -96,12 +49,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
             url=f"redis://127.0.0.1:{port}/0", owned=True, port=port, pid=proc.pid, workdir=workdir
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_redis_server(proc)
 
 
 @pytest.fixture

@@ -195,6 +195,16 @@ async def answer_in_one_burst(
         await client.aclose()
 
 
+async def fleet_status_answered_at_once(
+    harness: Harness, fleet: Fleet, hosts: Sequence[str], summary: Callable[[str], str]
+) -> discord.Message:
+    """Say ``!fleet_status`` while a stand-in answers for all of ``hosts`` at once."""
+    answering = asyncio.create_task(answer_in_one_burst(fleet.url, fleet.prefix, hosts, summary))
+    message = await harness.say("!fleet_status")
+    await asyncio.wait_for(answering, DEADLINE)
+    return message
+
+
 # --------------------------------------------------------------------------------------------
 # The board: pure formatting
 # --------------------------------------------------------------------------------------------
@@ -301,12 +311,21 @@ class FakeClock:
             await asyncio.sleep(0)
 
 
-async def live_with_fake_clock() -> tuple[LiveMessage, FakeClock, list[tuple[float, str]], Any]:
+async def live_with_fake_clock(
+    blips: Sequence[Exception] = (),
+) -> tuple[LiveMessage, FakeClock, list[tuple[float, str]], Any]:
+    """A live message on a fake clock: ``shown`` records each edit with its time.
+
+    The first edits raise ``blips`` (the last one first), as a failing connection would.
+    """
     clock = FakeClock()
     state = {"n": 0}
     shown: list[tuple[float, str]] = []
+    failures = list(blips)
 
     async def edit(content: str) -> bool:
+        if failures:
+            raise failures.pop()
         shown.append((clock.now, content))
         return True
 
@@ -653,7 +672,6 @@ async def test_per_command_role_override_applies_to_fleet_commands(
 async def test_ten_answers_at_once_cost_at_most_two_edits_a_second_apart(
     harness: Harness,
     fleet: Fleet,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     sent: list[Sent],
@@ -665,13 +683,9 @@ async def test_ten_answers_at_once_cost_at_most_two_edits_a_second_apart(
     # The real interval (1 s): this test takes about a second.
     cog = await fleet_cog(harness, redis_client, key_prefix, interval=1.0)
     assert cog.fleet_edit_interval == 1.0
-    answering = asyncio.create_task(
-        answer_in_one_burst(
-            redis_server.url, key_prefix, hosts, lambda h: f"```\n@everyone <@&1> {h} ok"
-        )
+    message = await fleet_status_answered_at_once(
+        harness, fleet, hosts, lambda h: f"```\n@everyone <@&1> {h} ok"
     )
-    message = await harness.say("!fleet_status")
-    await asyncio.wait_for(answering, DEADLINE)
 
     first = only_reply(sent, message)
     assert 1 <= len(edits) <= 2, edits
@@ -686,7 +700,6 @@ async def test_ten_answers_at_once_cost_at_most_two_edits_a_second_apart(
 async def test_a_table_too_long_for_one_message_comes_as_an_attachment(
     harness: Harness,
     fleet: Fleet,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     sent: list[Sent],
@@ -697,13 +710,9 @@ async def test_a_table_too_long_for_one_message_comes_as_an_attachment(
     for host in hosts:
         await fleet.ghost(host)
     await fleet_cog(harness, redis_client, key_prefix)
-    answering = asyncio.create_task(
-        answer_in_one_burst(
-            redis_server.url, key_prefix, hosts, lambda h: f"line one\nsaw {token}\nlast line"
-        )
+    message = await fleet_status_answered_at_once(
+        harness, fleet, hosts, lambda h: f"line one\nsaw {token}\nlast line"
     )
-    message = await harness.say("!fleet_status")
-    await asyncio.wait_for(answering, DEADLINE)
 
     live, follow_up = replies_to(sent, message)
     final = final_text(sent, edits, message)
@@ -728,7 +737,6 @@ async def test_a_table_too_long_for_one_message_comes_as_an_attachment(
 async def test_when_the_last_edit_fails_the_final_state_is_posted_anew(
     harness: Harness,
     fleet: Fleet,
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     sent: list[Sent],
@@ -741,11 +749,7 @@ async def test_when_the_last_edit_fails_the_final_state_is_posted_anew(
         return False  # e.g. someone deleted the live message meanwhile
 
     monkeypatch.setattr(cog, "_edit_live", refused)
-    answering = asyncio.create_task(
-        answer_in_one_burst(redis_server.url, key_prefix, ["solo-1"], lambda h: "pong")
-    )
-    message = await harness.say("!fleet_status")
-    await asyncio.wait_for(answering, DEADLINE)
+    message = await fleet_status_answered_at_once(harness, fleet, ["solo-1"], lambda h: "pong")
     live, final = replies_to(sent, message)
     assert (live.content or "").endswith("⏳ 0/1 answered…")
     assert FINAL_OK.search(final.content or "")
@@ -826,20 +830,8 @@ async def test_redis_down_before_publishing_is_reported_and_releases_the_cooldow
 
 async def test_a_connection_reset_on_an_edit_does_not_lose_the_final_state() -> None:
     # discord.py re-raises connection resets (aiohttp.ClientOSError) from an edit as they are.
-    clock = FakeClock()
-    state = {"n": 0}
-    shown: list[tuple[float, str]] = []
-    blips = [aiohttp.ClientOSError(104, "Connection reset by peer")]
-
-    async def edit(content: str) -> bool:
-        if blips:
-            raise blips.pop()
-        shown.append((clock.now, content))
-        return True
-
-    live = LiveMessage(
-        lambda: f"state {state['n']}", edit, shown="state 0", clock=clock, sleep=clock.sleep
-    )
+    reset = aiohttp.ClientOSError(104, "Connection reset by peer")
+    live, clock, shown, state = await live_with_fake_clock([reset])
     state["n"] = 1
     live.changed()
     await clock.advance(1.0)  # this edit hits the reset

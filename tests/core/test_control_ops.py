@@ -137,6 +137,15 @@ if "is-active" in sys.argv:
     return script, record
 
 
+def install_systemctl_stand_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe: str = ""
+) -> Path:
+    """Make in-process daemons run the stand-in as ``systemctl``; return its record file."""
+    stand_in, record = systemctl_stand_in(tmp_path, probe)
+    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    return record
+
+
 def recorded_calls(record: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines(record)]
 
@@ -323,14 +332,12 @@ def test_fleet_ok_needs_an_expected_host_and_every_answer_ok() -> None:
 
 async def test_fan_out_each_daemon_runs_once_and_the_publisher_aggregates(
     new_client: Callable[..., aioredis.Redis],
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stand_in, record = systemctl_stand_in(tmp_path)
-    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    record = install_systemctl_stand_in(tmp_path, monkeypatch)
     hosts = [f"host-{i}" for i in range(5)]
     fleet = [make_daemon(new_client(), host, key_prefix, restart_units=["proxy"]) for host in hosts]
     async with serving(*fleet):
@@ -400,7 +407,6 @@ async def test_fan_out_each_daemon_runs_once_and_the_publisher_aggregates(
 
 async def test_forged_expired_and_disallowed_commands_run_nothing(
     new_client: Callable[..., aioredis.Redis],
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     tmp_path: Path,
@@ -409,8 +415,7 @@ async def test_forged_expired_and_disallowed_commands_run_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="admin_ops.control_ops")
-    stand_in, record = systemctl_stand_in(tmp_path)
-    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    record = install_systemctl_stand_in(tmp_path, monkeypatch)
     fetches, release = upload_pack_gate(tmp_path, git_repos.clone)
     release.touch()  # a pull, if one wrongly ran, would complete (and be counted)
     git_repos.commit_upstream("should not arrive")
@@ -486,7 +491,6 @@ async def test_forged_expired_and_disallowed_commands_run_nothing(
 
 async def test_two_daemons_sharing_a_checkout_pull_once_and_both_answer(
     new_client: Callable[..., aioredis.Redis],
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     tmp_path: Path,
@@ -555,8 +559,7 @@ entry["results"] = [
 ]
 entry["pending"] = r.xpending({command_stream_key(key_prefix)!r}, "web-1:bot")["pending"]
 """
-    stand_in, record = systemctl_stand_in(tmp_path, probe)
-    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    record = install_systemctl_stand_in(tmp_path, monkeypatch, probe)
     daemon = make_daemon(
         new_client(),
         "web-1:bot",
@@ -584,7 +587,6 @@ entry["pending"] = r.xpending({command_stream_key(key_prefix)!r}, "web-1:bot")["
 
 async def test_cancel_mid_command_is_a_clean_stop_and_the_command_is_not_rerun(
     new_client: Callable[..., aioredis.Redis],
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     tmp_path: Path,
@@ -878,15 +880,13 @@ async def test_cli_publish_prints_a_table_and_exits_nonzero_on_failure(
 
 async def test_status_reports_commits_unit_states_version_and_uptime(
     new_client: Callable[..., aioredis.Redis],
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
     tmp_path: Path,
     git_repos: GitRepos,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stand_in, _record = systemctl_stand_in(tmp_path)
-    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    install_systemctl_stand_in(tmp_path, monkeypatch)
     daemon = make_daemon(
         new_client(),
         "status-host",
@@ -909,7 +909,6 @@ async def test_status_reports_commits_unit_states_version_and_uptime(
 
 async def test_stopping_right_after_an_answer_is_prompt(
     new_client: Callable[..., aioredis.Redis],
-    redis_server: RedisServer,
     redis_client: aioredis.Redis,
     key_prefix: str,
 ) -> None:
@@ -977,8 +976,7 @@ async def test_own_units_grant_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stand_in, record = systemctl_stand_in(tmp_path)
-    monkeypatch.setenv("OPS_SYSTEMCTL", str(stand_in))
+    record = install_systemctl_stand_in(tmp_path, monkeypatch)
     daemon = make_daemon(
         new_client(), "h1", key_prefix, restart_units=["proxy"], own_units=["bot.service"]
     )
