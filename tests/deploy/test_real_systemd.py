@@ -463,3 +463,30 @@ def test_readme_check_command_runs_like_the_service(
             "DISCORD_TOKEN": "test-token-not-real",
         },
     }
+
+
+async def test_six_chat_restarts_in_ten_minutes_fit_the_start_limit(
+    bot_unit: ShippedUnit, deploy_tree: DeployTree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start counts against StartLimitBurst=, chat restarts included.
+
+    The 120 s ``!bot_restart`` cooldown allows six starts in the 10-minute window (the first
+    start plus five restarts); the shipped limit must not refuse the last one and leave the bot
+    down after it already said "Restarting…".
+    """
+    systemd = deploy_tree.systemd
+    monkeypatch.setenv("OPS_SYSTEMCTL", str(systemd.systemctl_wrapper))
+    bot_unit.configure("ExecStart=\nExecStart=/bin/sleep infinity\n")
+    systemd.systemctl("start", BOT_UNIT)
+    pid = systemd.main_pid(BOT_UNIT)
+    for _ in range(5):
+        ok, summary = await ops_exec.deferred_systemctl_restart(BOT_UNIT, delay=0)
+        assert ok, summary
+        state = systemd.wait_for(
+            BOT_UNIT,
+            lambda s, old=pid: (
+                s["ActiveState"] in ("active", "failed") and s["MainPID"] not in ("0", str(old))
+            ),
+        )
+        assert state["ActiveState"] == "active", state
+        pid = int(state["MainPID"])
