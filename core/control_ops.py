@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import getpass
-import hashlib
 import hmac
 import importlib.metadata
 import inspect
@@ -73,11 +72,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from core.ops_exec import (
     deferred_systemctl_restart,
@@ -129,6 +129,8 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX: Final = "sg:control"
 SIGNED_FIELDS: Final = ("id", "op", "args", "requested_by", "issued_at", "expires_at")
+# Plain ASCII identifiers: JSON-encoded as themselves in quotes.
+_SORTED_SIGNED_FIELDS: Final = tuple(sorted(SIGNED_FIELDS))
 OPS: Final = ("ping", "status", "pull", "restart")
 # Ops without side effects: answered in one script that also claims the command id.
 _READ_ONLY_OPS: Final = frozenset({"ping", "status"})
@@ -277,12 +279,23 @@ class SignedCommand(NamedTuple):
 def canonical_payload(fields: Mapping[str, str]) -> bytes:
     """The exact bytes the signature covers: canonical JSON of the six signed fields."""
     signed = {name: fields[name] for name in SIGNED_FIELDS}
+    if all(isinstance(value, str) for value in signed.values()):
+        # Byte for byte what the json.dumps below gives for string values (the same C string
+        # encoder, the keys in sorted order, no spaces), without its generic machinery: every
+        # daemon computes this for every command.
+        return _canonical_strings(signed)
     return json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _canonical_strings(signed: Mapping[str, str]) -> bytes:
+    body = ",".join([f'"{name}":{_json_string(signed[name])}' for name in _SORTED_SIGNED_FIELDS])
+    return ("{" + body + "}").encode()
 
 
 def sign_fields(fields: Mapping[str, str], secret: str) -> str:
     """Hex HMAC-SHA256 of :func:`canonical_payload` with the shared secret."""
-    return hmac.new(secret.encode(), canonical_payload(fields), hashlib.sha256).hexdigest()
+    # hmac.digest: the one-shot (C) form of hmac.new(...).digest(), same bytes, less overhead.
+    return hmac.digest(secret.encode(), canonical_payload(fields), "sha256").hex()
 
 
 def build_command(
@@ -468,6 +481,27 @@ def _stream_entries(response: Any) -> list[tuple[str, dict[str, str]]]:
         for entry_id, raw in entries or ():
             fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
             flat.append((_text(entry_id), fields))
+    return flat
+
+
+def _raw_stream_entries(response: Any) -> list[tuple[str, dict[str, str]]]:
+    """Flatten a raw XREADGROUP reply (no redis-py response callback applied).
+
+    RESP2: ``[[stream, [[id, [field, value, ...]], ...]], ...]``; RESP3: ``{stream: [...]}``.
+    A deleted entry that is still pending comes back with nil instead of the field list.
+    """
+    if not response:
+        return []
+    per_stream: Iterable[Any]
+    if isinstance(response, dict):
+        per_stream = response.values()
+    else:
+        per_stream = (entries for _stream, entries in response)
+    flat: list[tuple[str, dict[str, str]]] = []
+    for entries in per_stream:
+        for entry_id, pairs in entries or ():
+            values = [_text(item) for item in pairs or ()]
+            flat.append((_text(entry_id), dict(zip(values[::2], values[1::2], strict=False))))
     return flat
 
 
@@ -775,6 +809,20 @@ class ControlDaemon:
         self._session = uuid.uuid4().hex
         self._started_at = time.time()
         self._finish_script = redis.register_script(_FINISH_LUA)
+        # The per-command path (XREADGROUP and the finish script) runs on one connection this
+        # daemon keeps from the client's pool while it serves, bypassing redis-py's per-command
+        # pool checkout, retry wrapper and response callbacks: at fleet scale that overhead is
+        # most of a daemon's CPU per command. Every error or cancellation in a send or read makes
+        # redis-py drop that connection (it reconnects on the next use), so no stale reply is
+        # ever read. A single-connection client, or a pool too small to spare a connection
+        # (the heartbeat needs one too), keeps the ordinary client calls.
+        pool = redis.connection_pool
+        self._own_connection = (
+            not getattr(redis, "single_connection_client", False)
+            and getattr(pool, "max_connections", 0) >= 3
+        )
+        self._conn: Any = None
+        self._read_new_packed: list[bytes] | None = None
         self._unwritten: list[_Finish] = []
         self._redis_up: bool | None = None
         self._waiting_for_work = False
@@ -802,6 +850,7 @@ class ControlDaemon:
             await _stop(serve, again=lambda: self._waiting_for_work)
             await _stop(heartbeat, again=lambda: True)
             await self._remove_heartbeat()
+            await self._release_connection()
             log.info("control daemon %s stopped", self.identity)
 
     async def _serve_forever(self) -> None:
@@ -851,6 +900,10 @@ class ControlDaemon:
         The group must exist before the heartbeat says this host will answer; results kept
         through an outage are written before anything else is answered.
         """
+        if self._own_connection:
+            # Take the own connection first, so the calls below (and the heartbeat) set up the
+            # pool's second one now rather than in the middle of serving a command later.
+            await self._call(self._own_conn())
         await self._ensure_group()
         await self._flush_unwritten()
         await self._write_heartbeat()
@@ -883,22 +936,73 @@ class ControlDaemon:
 
     async def _consume_new(self) -> None:
         block_ms = int(self._block_seconds * 1000)
+        read_timeout = self._block_seconds + self._call_timeout
         while True:
             self._waiting_for_work = True
             try:
-                response = await self._call(
-                    self._redis.xreadgroup(
-                        self._group, self.identity, {self._stream: ">"}, count=16, block=block_ms
-                    ),
-                    timeout=self._block_seconds + self._call_timeout,
-                )
+                if self._own_connection:
+                    raw = await self._call(self._own_read_new(block_ms), timeout=read_timeout)
+                    entries = _raw_stream_entries(raw)
+                else:
+                    response = await self._call(
+                        self._redis.xreadgroup(
+                            self._group,
+                            self.identity,
+                            {self._stream: ">"},
+                            count=16,
+                            block=block_ms,
+                        ),
+                        timeout=read_timeout,
+                    )
+                    entries = _stream_entries(response)
             finally:
                 self._waiting_for_work = False
-            for entry_id, fields in _stream_entries(response):
+            for entry_id, fields in entries:
                 await self._handle_entry_or_drop(entry_id, fields)
 
     async def _call(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
         return await _bounded(awaitable, timeout or self._call_timeout)
+
+    async def _own_command(self, *args: Any) -> Any:
+        """Send one command on the daemon's own connection; its raw reply (no callback).
+
+        A server error reply is raised as the ResponseError redis-py maps it to. Any other
+        failure, or a cancellation (``_call``'s bound), leaves redis-py's connection closed.
+        """
+        conn = await self._own_conn()
+        await conn.send_command(*args)
+        return await conn.read_response()
+
+    async def _own_read_new(self, block_ms: int) -> Any:
+        """XREADGROUP ``>`` on the own connection: the same bytes every time, packed once."""
+        conn = await self._own_conn()
+        if self._read_new_packed is None:
+            self._read_new_packed = conn.pack_command(
+                "XREADGROUP", "GROUP", self._group, self.identity,
+                "COUNT", 16, "BLOCK", block_ms, "STREAMS", self._stream, ">",
+            )  # fmt: skip
+        await conn.send_packed_command(self._read_new_packed)
+        return await conn.read_response()
+
+    async def _own_conn(self) -> Any:
+        conn = self._conn
+        if conn is None:
+            pool = self._redis.connection_pool
+            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return conn
+
+    async def _release_connection(self) -> None:
+        """Give the daemon's own connection back to the pool (run() is ending).
+
+        Only once the serving task has finished: nothing can be using it any more. One that
+        was dropped mid-command is closed already; the pool reconnects it when it is reused.
+        """
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # A pool that was reset meanwhile (the client closed, a fork) no longer knows it.
+        with contextlib.suppress(KeyError, ValueError):
+            await self._redis.connection_pool.release(conn)
 
     # -- heartbeat ------------------------------------------------------------------------------
 
@@ -1098,10 +1202,23 @@ class ControlDaemon:
         fields = _result_fields(finish.result)
         args = [self._group, finish.entry_id, finish.marker, str(finish.marker_ttl_ms)]
         args += [fields[name] for name in ("ok", "ran", "summary", "duration")]
-        reply = await self._call(self._finish_script(keys=keys, args=args))
+        if self._own_connection:
+            reply = await self._call(self._own_finish(keys, args))
+        else:
+            reply = await self._call(self._finish_script(keys=keys, args=args))
         if int(reply[0]) == 1:
             return True, ""
         return False, _text(reply[1])
+
+    async def _own_finish(self, keys: list[str], args: list[str]) -> Any:
+        """EVALSHA the finish script on the own connection, loading it first if Redis lost it."""
+        sha = self._finish_script.sha
+        try:
+            return await self._own_command("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Nothing ran (a restarted or flushed Redis): load the script and run it once more.
+            await self._own_command("SCRIPT", "LOAD", _FINISH_LUA)
+            return await self._own_command("EVALSHA", sha, len(keys), *keys, *args)
 
     async def _flush_unwritten(self) -> None:
         while self._unwritten:
