@@ -460,6 +460,15 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _entries_per_stream(response: Any) -> Iterable[Any]:
+    """Each stream's entry list: RESP2 replies are ``[[stream, entries], ...]``, RESP3 a dict."""
+    if not response:
+        return ()
+    if isinstance(response, dict):
+        return response.values()
+    return (entries for _stream, entries in response)
+
+
 def _stream_entries(response: Any) -> list[tuple[str, dict[str, str]]]:
     """Flatten an XREAD/XREADGROUP reply into ``(entry id, fields)``.
 
@@ -467,15 +476,8 @@ def _stream_entries(response: Any) -> list[tuple[str, dict[str, str]]]:
     each value may be wrapped in one more list); the client is the caller's, so accept both.
     A trimmed entry that is still pending comes back with no fields.
     """
-    if not response:
-        return []
-    per_stream: Iterable[Any]
-    if isinstance(response, dict):
-        per_stream = response.values()
-    else:
-        per_stream = (entries for _stream, entries in response)
     flat: list[tuple[str, dict[str, str]]] = []
-    for entries in per_stream:
+    for entries in _entries_per_stream(response):
         if entries and isinstance(entries[0], list):
             entries = [entry for group in entries for entry in group]
         for entry_id, raw in entries or ():
@@ -490,15 +492,8 @@ def _raw_stream_entries(response: Any) -> list[tuple[str, dict[str, str]]]:
     RESP2: ``[[stream, [[id, [field, value, ...]], ...]], ...]``; RESP3: ``{stream: [...]}``.
     A deleted entry that is still pending comes back with nil instead of the field list.
     """
-    if not response:
-        return []
-    per_stream: Iterable[Any]
-    if isinstance(response, dict):
-        per_stream = response.values()
-    else:
-        per_stream = (entries for _stream, entries in response)
     flat: list[tuple[str, dict[str, str]]] = []
-    for entries in per_stream:
+    for entries in _entries_per_stream(response):
         for entry_id, pairs in entries or ():
             values = [_text(item) for item in pairs or ()]
             flat.append((_text(entry_id), dict(zip(values[::2], values[1::2], strict=False))))
