@@ -28,9 +28,13 @@ test: $(STAMP_DEV)
 	bash scripts/ensure-redis-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP_DEV)
+lint: $(STAMP_DEV) typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/check_sizes.py
+
+# mypy --strict on all production code (core/, cogs/, bot.py, scripts/: see pyproject.toml).
+typecheck: $(STAMP_DEV)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP_DEV)

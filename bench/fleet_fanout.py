@@ -51,7 +51,7 @@ from core.control_ops import (
     ran_marker_key,
     results_key,
 )
-from tests.redis_proc import free_port, start_redis_server, stop_redis_server
+from tests.support.redis_proc import free_port, start_redis_server, stop_redis_server
 
 SECRET = uuid.uuid4().hex  # any shared secret will do; a fresh one per run
 ROUND_TIMEOUT = 30.0

@@ -46,7 +46,7 @@ add_repo_root_to_path()
 import redis.asyncio as aioredis  # noqa: E402
 
 from core.ops_exec import PullResult, git_env, run_git_pull  # noqa: E402
-from tests.redis_proc import free_port, start_redis_server, stop_redis_server  # noqa: E402
+from tests.support.redis_proc import free_port, start_redis_server, stop_redis_server  # noqa: E402
 
 TARGET_RATIO = 1.5
 FLOOR_ARGV = ("git", "-c", "credential.helper=", "pull", "--ff-only", "--no-rebase", "-q")

@@ -28,6 +28,7 @@ import re
 import shlex
 import signal
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -36,28 +37,44 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 __all__ = [
+    "DEFAULT_KEY_PREFIX",
     "DEFAULT_KILL_GRACE",
     "GIT_ENV_ALLOWLIST",
     "GIT_ENV_FIXED",
+    "MIN_SECRET_LENGTH",
+    "REDIS_CALL_TIMEOUT",
     "SYSTEMCTL_TIMED_OUT",
     "UNIT_SUFFIXES",
     "Cooldown",
     "ExecResult",
+    "PullOutcome",
     "PullResult",
+    "UnitResult",
+    "UnitState",
+    "as_text",
     "atomic_write_json",
+    "bounded",
+    "clean_text",
     "deferred_systemctl_restart",
     "git_env",
     "git_head",
     "git_upstream",
+    "pull_checkout",
     "pull_lock_key",
+    "raise_if_cancelling",
     "read_json_file",
     "redact",
+    "redis_errors",
+    "request_restart",
+    "restart_unit",
     "run_exec",
     "run_git_pull",
     "sanitize_output",
+    "ssh_batch_command",
     "systemctl_argv",
     "systemctl_is_active",
     "systemctl_restart",
+    "unit_state",
     "validate_unit_name",
 ]
 
@@ -66,6 +83,8 @@ log = logging.getLogger("admin_ops.ops_exec")
 T = TypeVar("T")
 
 DEFAULT_KILL_GRACE = 2.0
+#: The prefix of every Redis key admin-ops writes (``OPS_CONTROL_PREFIX`` overrides it).
+DEFAULT_KEY_PREFIX = "sg:control"
 #: Every call to a Redis server passed in is bounded by this many seconds.
 REDIS_CALL_TIMEOUT = 2.0
 #: After a Redis failure, cooldowns use their local store for this many seconds.
@@ -104,7 +123,16 @@ _UNSAFE_CHARS = re.compile(
 
 def sanitize_output(data: bytes) -> str:
     """Decode a child's output for display: UTF-8 with replacement, no escapes or controls."""
-    text = data.decode("utf-8", errors="replace")
+    return clean_text(data.decode("utf-8", errors="replace"))
+
+
+def clean_text(text: str) -> str:
+    """``text`` without terminal escape sequences and control characters (tab and newline stay).
+
+    For anything shown in a terminal or a chat message that came from elsewhere (a child, git,
+    another host through Redis): an escape sequence could retitle a terminal or write the
+    operator's clipboard (OSC 52).
+    """
     return _UNSAFE_CHARS.sub("", _ANSI_ESCAPE.sub("", text))
 
 
@@ -418,6 +446,9 @@ async def run_exec(
 
 #: Keys copied from the source environment; everything else is dropped.
 GIT_ENV_ALLOWLIST: tuple[str, ...] = ("PATH", "HOME")
+# What makes ssh fail instead of asking: no passphrase or host-key prompt, no shared master
+# connection left behind, and a bounded connect.
+_SSH_BATCH_OPTIONS = "-o BatchMode=yes -o ControlMaster=no -o ConnectTimeout=10"
 #: Keys always set, whatever the source says: no prompts, no system config, stable messages.
 GIT_ENV_FIXED: Mapping[str, str] = {
     "LC_ALL": "C",
@@ -426,7 +457,7 @@ GIT_ENV_FIXED: Mapping[str, str] = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GCM_INTERACTIVE": "never",
     "GIT_MERGE_AUTOEDIT": "no",
-    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o ControlMaster=no -o ConnectTimeout=10",
+    "GIT_SSH_COMMAND": f"ssh {_SSH_BATCH_OPTIONS}",
 }
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -503,34 +534,44 @@ def validate_unit_name(name: str) -> str:
         raise ValueError(f"unit name must be a string, not {type(name).__name__}")
     if not name:
         raise ValueError("unit name is empty")
-    shown = _describe(name)
-    if name.startswith("-"):
-        raise ValueError(f"invalid unit name {shown}: must not start with '-'")
-    if not name.isascii():
-        raise ValueError(f"invalid unit name {shown}: only ASCII characters are allowed")
-    if any(c in name for c in "*?["):
-        raise ValueError(f"invalid unit name {shown}: globs are not allowed")
-    if "/" in name:
-        raise ValueError(f"invalid unit name {shown}: '/' is not allowed")
-    if not _UNIT_CHARS.fullmatch(name):
-        raise ValueError(
-            f"invalid unit name {shown}: only letters, digits and ':_.-\\@' are allowed"
-        )
     full = name if name.endswith(UNIT_SUFFIXES) else f"{name}.service"
+    reason = _unit_characters_problem(name) or _unit_shape_problem(full)
+    if reason:
+        raise ValueError(f"invalid unit name {_describe(name)}: {reason}")
+    return full
+
+
+def _unit_characters_problem(name: str) -> str:
+    """Why ``name`` has characters no unit name may have; empty when it has none."""
+    if name.startswith("-"):
+        return "must not start with '-'"
+    if not name.isascii():
+        return "only ASCII characters are allowed"
+    if any(c in name for c in "*?["):
+        return "globs are not allowed"
+    if "/" in name:
+        return "'/' is not allowed"
+    if not _UNIT_CHARS.fullmatch(name):
+        return "only letters, digits and ':_.-\\@' are allowed"
+    return ""
+
+
+def _unit_shape_problem(full: str) -> str:
+    """Why the full unit name ``full`` breaks systemd's grammar; empty when it does not."""
     stem = full[: full.rfind(".")]
     if not stem or stem.startswith("."):
-        raise ValueError(f"invalid unit name {shown}: the name before the suffix is empty")
+        return "the name before the suffix is empty"
     if full.count("@") > 1:
-        raise ValueError(f"invalid unit name {shown}: at most one '@' is allowed")
+        return "at most one '@' is allowed"
     if "@" in stem:
         prefix, instance = stem.split("@")
         if not prefix:
-            raise ValueError(f"invalid unit name {shown}: nothing before '@'")
+            return "nothing before '@'"
         if not instance:
-            raise ValueError(f"invalid unit name {shown}: a template needs an instance after '@'")
+            return "a template needs an instance after '@'"
     if len(full) > _UNIT_NAME_MAX:
-        raise ValueError(f"invalid unit name {shown}: longer than {_UNIT_NAME_MAX} characters")
-    return full
+        return f"longer than {_UNIT_NAME_MAX} characters"
+    return ""
 
 
 def systemctl_argv(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -548,7 +589,8 @@ def systemctl_argv(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 #: Every systemctl summary for a timed-out call contains this: the job may still complete, so a
-#: caller must not treat a timeout as "nothing happened".
+#: caller must not treat a timeout as "nothing happened". Decide by ``UnitResult.timed_out``;
+#: this is kept for the seed's callers that only have the summary.
 SYSTEMCTL_TIMED_OUT = "timed out after"
 _SYSTEMCTL_BOILERPLATE = re.compile(r"^See system logs and 'systemctl status .*$", re.MULTILINE)
 _PERMISSION_WORDS = ("Access denied", "Interactive authentication required", "a password is")
@@ -575,29 +617,69 @@ def _systemctl_failure(
     return redact(text, secrets)
 
 
-async def systemctl_restart(
+class UnitResult(NamedTuple):
+    """What a systemctl request did, typed: callers never read the summary to decide."""
+
+    ok: bool
+    #: One line, redacted, in systemctl's own words where it had any.
+    summary: str
+    #: systemctl did not answer in time: systemd keeps the job, so it may still complete.
+    timed_out: bool = False
+
+    @property
+    def acted(self) -> bool:
+        """Whether the unit may have been touched (done, or timed out with the job queued)."""
+        return self.ok or self.timed_out
+
+
+class UnitState(NamedTuple):
+    """``systemctl is-active`` for one unit: its state, or why systemctl could not tell."""
+
+    #: ``active``, ``inactive``, ``failed``, ``activating``…; None when systemctl could not tell.
+    state: str | None
+    #: Why the state is unknown (empty when it is known).
+    detail: str = ""
+
+    def __str__(self) -> str:
+        """The state word, or ``unknown (why)``."""
+        return self.state if self.state is not None else f"unknown ({self.detail})"
+
+
+async def restart_unit(
     service: str, timeout: float = 20.0, *, secrets: Iterable[str] = ()
-) -> tuple[bool, str]:
-    """Restart another unit and wait for the job; returns ``(ok, one-line summary)``.
+) -> UnitResult:
+    """Restart another unit and wait for the job.
 
     Never use this for the unit the calling process runs in: a synchronous restart of one's
-    own unit deadlocks (systemd issue 15775). Use ``deferred_systemctl_restart`` for that.
+    own unit deadlocks (systemd issue 15775). Use ``request_restart`` for that.
     """
     try:
         unit = validate_unit_name(service)
         program = systemctl_argv()
     except ValueError as exc:
-        return False, str(exc)
+        return UnitResult(False, str(exc))
     argv = [*program, "--no-ask-password", "restart", "--", unit]
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
-        return True, redact(f"restarted {unit}")
-    return False, _systemctl_failure(unit, "restart", result, timeout, tuple(secrets))
+        return UnitResult(True, redact(f"restarted {unit}"))
+    summary = _systemctl_failure(unit, "restart", result, timeout, tuple(secrets))
+    return UnitResult(False, summary, timed_out=result.timed_out)
 
 
-async def deferred_systemctl_restart(
-    service: str, *, delay: float = 1.0, secrets: Iterable[str] = ()
+async def systemctl_restart(
+    service: str, timeout: float = 20.0, *, secrets: Iterable[str] = ()
 ) -> tuple[bool, str]:
+    """Restart another unit and wait for the job; returns ``(ok, one-line summary)``.
+
+    The seed's interface to :func:`restart_unit`, which also says whether systemctl timed out.
+    """
+    result = await restart_unit(service, timeout, secrets=secrets)
+    return result.ok, result.summary
+
+
+async def request_restart(
+    service: str, *, delay: float = 1.0, secrets: Iterable[str] = ()
+) -> UnitResult:
     """Ask systemd to restart the caller's own unit after ``delay`` seconds, without waiting.
 
     ``--no-block`` queues the job and returns, so systemd can stop this process afterwards. The
@@ -607,29 +689,43 @@ async def deferred_systemctl_restart(
         unit = validate_unit_name(service)
         program = systemctl_argv()
     except ValueError as exc:
-        return False, str(exc)
+        return UnitResult(False, str(exc))
     await asyncio.sleep(delay)
     argv = [*program, "--no-block", "--no-ask-password", "restart", "--", unit]
     timeout = 10.0
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     if result.ok:
-        return True, redact(f"restart of {unit} requested")
-    return False, _systemctl_failure(unit, "restart", result, timeout, tuple(secrets))
+        return UnitResult(True, redact(f"restart of {unit} requested"))
+    summary = _systemctl_failure(unit, "restart", result, timeout, tuple(secrets))
+    return UnitResult(False, summary, timed_out=result.timed_out)
 
 
-async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:
-    """``systemctl is-active`` for one unit: ``active``, ``inactive``, ``failed``, ``unknown``…"""
+async def deferred_systemctl_restart(
+    service: str, *, delay: float = 1.0, secrets: Iterable[str] = ()
+) -> tuple[bool, str]:
+    """:func:`request_restart` as the seed's ``(ok, one-line summary)``."""
+    result = await request_restart(service, delay=delay, secrets=secrets)
+    return result.ok, result.summary
+
+
+async def unit_state(unit: str, timeout: float = 5.0) -> UnitState:
+    """``systemctl is-active`` for one unit, typed."""
     try:
         name = validate_unit_name(unit)
         program = systemctl_argv()
     except ValueError as exc:
-        return f"unknown ({exc})"
+        return UnitState(None, str(exc))
     argv = [*program, "--no-ask-password", "is-active", "--", name]
     result = await run_exec(argv, env=_service_env(), timeout=timeout)
     state = result.stdout.strip().splitlines()
     if state and state[0]:
-        return state[0]
-    return f"unknown ({_systemctl_failure(name, 'is-active', result, timeout)})"
+        return UnitState(state[0])
+    return UnitState(None, _systemctl_failure(name, "is-active", result, timeout))
+
+
+async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:
+    """``systemctl is-active`` for one unit: ``active``, ``inactive``, ``unknown (why)``…."""
+    return str(await unit_state(unit, timeout))
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,12 +764,43 @@ def read_json_file(path: str | os.PathLike[str]) -> Any | None:
 # --------------------------------------------------------------------------------------------
 
 
-async def _bounded(call: Awaitable[T]) -> T:
-    """Await one Redis call for at most REDIS_CALL_TIMEOUT seconds."""
-    return await asyncio.wait_for(call, REDIS_CALL_TIMEOUT)
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a failed call on a Redis client passed in raises, caught by type.
+
+    This module never imports redis-py; a client passed in means it is loaded, so its base
+    error is taken from there. Socket errors and timeouts (``bounded``) are OSError/TimeoutError.
+    """
+    errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+    module = sys.modules.get("redis.exceptions")
+    base = getattr(module, "RedisError", None)
+    if isinstance(base, type) and issubclass(base, BaseException):
+        errors += (base,)
+    return errors
 
 
-def _as_text(value: Any) -> str:
+def raise_if_cancelling() -> None:
+    """Raise CancelledError if this task was cancelled but something swallowed it.
+
+    Python 3.11's ``asyncio.wait_for``, which redis-py uses to send every command, returns the
+    result instead of raising when a cancellation arrives just as the send completes (CPython
+    gh-86296, fixed in 3.12); the task still counts the request. Without this check a cancelled
+    task could go on as if nothing happened, and whoever waits for it to stop would hang.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def bounded(call: Awaitable[T], seconds: float = REDIS_CALL_TIMEOUT) -> T:
+    """Await one call to a server (Redis) for at most ``seconds``; TimeoutError after that."""
+    async with asyncio.timeout(seconds):
+        result = await call
+    raise_if_cancelling()
+    return result
+
+
+def as_text(value: Any) -> str:
+    """What a Redis client returned, as text, whether or not it decodes responses."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return "" if value is None else str(value)
@@ -713,8 +840,31 @@ class PullResult(NamedTuple):
     summary: str
 
 
+class PullOutcome(NamedTuple):
+    """What :func:`pull_checkout` did: a :class:`PullResult` plus the commits it moved between."""
+
+    ran: bool
+    ok: bool
+    summary: str
+    #: The full commit hash of HEAD before and after git ran (None when unknown or not run).
+    head_before: str | None = None
+    head_after: str | None = None
+
+    @property
+    def updated(self) -> bool:
+        """Whether the pull moved HEAD."""
+        return self.ok and self.head_after is not None and self.head_before != self.head_after
+
+    @property
+    def result(self) -> PullResult:
+        """The seed's three fields."""
+        return PullResult(self.ran, self.ok, self.summary)
+
+
 def pull_lock_key(
-    repo_dir: str | os.PathLike[str], hostname: str | None = None, prefix: str = "sg:control"
+    repo_dir: str | os.PathLike[str],
+    hostname: str | None = None,
+    prefix: str = DEFAULT_KEY_PREFIX,
 ) -> str:
     """The Redis key that dedupes pulls of one checkout on one host."""
     host = hostname if hostname is not None else socket.gethostname()
@@ -984,12 +1134,12 @@ class _RedisLock:
         # Counted as held before the reply: a SET whose reply is lost may still have landed,
         # and release() only ever deletes our own token.
         self.held = True
-        if await _bounded(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)):
+        if await bounded(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)):
             return None
         self.held = False
         try:
-            holder = _as_text(await _bounded(self.redis.get(self.key)))
-        except Exception:  # someone holds it; who exactly is only for the message
+            holder = as_text(await bounded(self.redis.get(self.key)))
+        except redis_errors():  # someone holds it; who exactly is only for the message
             holder = ""
         return holder.rsplit(":", 1)[0] if holder else "another service"
 
@@ -998,8 +1148,8 @@ class _RedisLock:
             return
         self.held = False
         try:
-            await _bounded(self.redis.eval(_RELEASE_SCRIPT, 1, self.key, self.token))
-        except Exception as exc:  # the TTL frees it anyway; a release must never fail a pull
+            await bounded(self.redis.eval(_RELEASE_SCRIPT, 1, self.key, self.token))
+        except redis_errors() as exc:  # the TTL frees it anyway; a release must never fail a pull
             log.warning("could not release pull lock %s: %s", self.key, _describe_error(exc))
 
 
@@ -1018,8 +1168,29 @@ async def run_git_pull(
 
     A non-blocking ``flock`` in the checkout's git dir always guards the pull on this host;
     with ``redis`` and ``dedupe`` a ``SET NX PX`` lock dedupes across services too. If Redis
-    is down the pull goes ahead under the flock and the summary says so.
+    is down the pull goes ahead under the flock and the summary says so. :func:`pull_checkout`
+    does the same and also says which commits HEAD moved between.
     """
+    outcome = await pull_checkout(
+        repo_dir, redis=redis, dedupe=dedupe, lock_ttl=lock_ttl, instance_id=instance_id,
+        timeout=timeout, env_passthrough=env_passthrough, secrets=secrets,
+    )  # fmt: skip
+    return outcome.result
+
+
+async def pull_checkout(
+    repo_dir: str | os.PathLike[str],
+    *,
+    redis: Any = None,
+    dedupe: bool = True,
+    lock_ttl: float = 90,
+    instance_id: str = "",
+    timeout: float = 60.0,
+    env_passthrough: Iterable[str] = (),
+    secrets: Iterable[str] = (),
+) -> PullOutcome:
+    """:func:`run_git_pull`, typed: the outcome also carries HEAD before and after."""
+    secrets = tuple(secrets)
     if lock_ttl <= timeout + DEFAULT_KILL_GRACE:
         raise ValueError(
             f"lock_ttl ({lock_ttl:g}s) must exceed timeout plus the kill grace "
@@ -1043,9 +1214,9 @@ async def _pull_checkout(
     timeout: float,
     env_passthrough: tuple[str, ...],
     secrets: tuple[str, ...],
-) -> PullResult:
+) -> PullOutcome:
     if "\x00" in os.fspath(repo_dir):
-        return PullResult(ran=False, ok=False, summary="Not pulled: the path contains a NUL byte.")
+        return PullOutcome(ran=False, ok=False, summary="Not pulled: the path contains a NUL byte.")
     path = os.path.realpath(repo_dir)
     holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
     # Take the host-local lock before running any git when the git dir is evident: a caller
@@ -1055,20 +1226,20 @@ async def _pull_checkout(
     if git_dir is None:
         inspected = await _inspect_checkout(path)
         if isinstance(inspected, str):
-            return PullResult(ran=False, ok=False, summary=inspected)
+            return PullOutcome(ran=False, ok=False, summary=inspected)
         info, git_dir = inspected, os.path.realpath(inspected.git_dir)
     lock_path = os.path.join(git_dir, _LOCK_FILE_NAME)
     try:
         lock_fd, other = _try_flock(lock_path, holder)
     except OSError as exc:  # a read-only mount, a foreign owner, something else in its place
-        return PullResult(
+        return PullOutcome(
             ran=False,
             ok=False,
             summary=f"Not pulled: cannot open the pull lock {lock_path}: {exc.strerror or exc}.",
         )
     if lock_fd is None:
         who = f" ({other})" if other else ""
-        return PullResult(
+        return PullOutcome(
             ran=False,
             ok=True,
             summary=f"Skipped: another process on this host{who} is already pulling {path}.",
@@ -1077,7 +1248,7 @@ async def _pull_checkout(
         if info is None:
             inspected = await _inspect_checkout(path)
             if isinstance(inspected, str):
-                return PullResult(ran=False, ok=False, summary=inspected)
+                return PullOutcome(ran=False, ok=False, summary=inspected)
             info = inspected
         return await _pull_under_flock(
             path, info, redis=redis, lock_ttl=lock_ttl, holder=holder, timeout=timeout,
@@ -1097,7 +1268,7 @@ async def _pull_under_flock(
     timeout: float,
     env_passthrough: tuple[str, ...],
     secrets: tuple[str, ...],
-) -> PullResult:
+) -> PullOutcome:
     lock_error = ""
     lock: _RedisLock | None = None
     if redis is not None:
@@ -1105,11 +1276,11 @@ async def _pull_under_flock(
         lock = _RedisLock(redis, pull_lock_key(path), token, int(lock_ttl * 1000))
         try:
             other = await lock.acquire()
-        except Exception as exc:
+        except redis_errors() as exc:
             lock_error = _describe_error(exc)
         else:
             if other is not None:
-                return PullResult(
+                return PullOutcome(
                     ran=False,
                     ok=True,
                     summary=f"Skipped: {other} is already pulling {path}.",
@@ -1127,35 +1298,71 @@ async def _pull_under_flock(
     )
 
 
+async def _pull_env(path: str, passthrough: tuple[str, ...]) -> dict[str, str]:
+    """The environment for git fetching into the checkout at ``path``.
+
+    A checkout may name its own ssh command (``core.sshCommand``: git's way to give each
+    repository its own deploy key). ``GIT_SSH_COMMAND`` would silently override it, so that
+    command is used instead, with the batch options added so ssh still never prompts.
+    """
+    env = git_env(passthrough=passthrough)
+    configured = await _git(path, "config", "--get", "core.sshCommand")
+    own = configured.stdout.strip() if configured.ok else ""
+    if own:
+        env["GIT_SSH_COMMAND"] = ssh_batch_command(own)
+    return env
+
+
+def ssh_batch_command(command: str) -> str:
+    """A checkout's ``core.sshCommand`` made unable to prompt.
+
+    OpenSSH takes the first value given for an option, so the checkout's own options (its key)
+    still win; batch options are added only to an ``ssh`` program, since other programs (plink)
+    would not understand them. Either way the child has no terminal to prompt on.
+    """
+    try:
+        program = shlex.split(command)[0]
+    except (ValueError, IndexError):
+        return command
+    if os.path.basename(program) != "ssh":
+        return command
+    return f"{command} {_SSH_BATCH_OPTIONS}"
+
+
 async def _run_pull(
     path: str,
     info: _RepoInfo,
     timeout: float,
     env_passthrough: tuple[str, ...],
     secrets: tuple[str, ...],
-) -> PullResult:
+) -> PullOutcome:
     if _index_lock_mtime(info.git_dir) is not None:
-        return PullResult(ran=False, ok=False, summary=_stale_lock_message(info.git_dir))
+        return PullOutcome(ran=False, ok=False, summary=_stale_lock_message(info.git_dir))
+    env = await _pull_env(path, env_passthrough)
     run_started = time.time()
-    result = await run_exec(
-        _PULL_ARGV, cwd=path, env=git_env(passthrough=env_passthrough), timeout=timeout
-    )
+    result = await run_exec(_PULL_ARGV, cwd=path, env=env, timeout=timeout)
     if result.returncode is None and not result.timed_out:
-        return PullResult(ran=False, ok=False, summary=f"Not pulled: {result.stderr}")
+        return PullOutcome(ran=False, ok=False, summary=f"Not pulled: {result.stderr}")
     if result.timed_out:
         cleanup = _clean_index_lock_after_kill(path, info.git_dir, run_started, result)
         headline = f"git pull timed out after {timeout:g}s; stopped."
-        return PullResult(
+        return PullOutcome(
             ran=True, ok=False, summary=_with_detail(headline + cleanup, result.stderr, secrets)
         )
     if result.returncode != 0:
         headline = _classify_pull_failure(result.stderr, result.returncode)
-        return PullResult(
+        return PullOutcome(
             ran=True, ok=False, summary=_with_detail(headline, result.stderr, secrets)
         )
-    new_head = await _git(path, "rev-parse", "--verify", "--quiet", "HEAD")
-    summary = await _describe_update(path, info.head, new_head.stdout.strip() or None)
-    return PullResult(ran=True, ok=True, summary=redact(summary))
+    new_head = (await _git(path, "rev-parse", "--verify", "--quiet", "HEAD")).stdout.strip()
+    summary = await _describe_update(path, info.head, new_head or None)
+    return PullOutcome(
+        ran=True,
+        ok=True,
+        summary=redact(summary),
+        head_before=info.head,
+        head_after=new_head or None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1233,9 +1440,10 @@ class Cooldown:
         *,
         redis: Any = None,
         state_file: str | os.PathLike[str] | None = None,
-        prefix: str = "sg:control:cooldown",
+        prefix: str = f"{DEFAULT_KEY_PREFIX}:cooldown",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """A cooldown of ``seconds``; keys live under ``prefix`` in Redis."""
         if seconds < 0:
             raise ValueError("cooldown seconds must not be negative")
         self.seconds = seconds
@@ -1257,8 +1465,8 @@ class Cooldown:
         if left or not self._use_redis():
             return left
         try:
-            left = await asyncio.wait_for(self._redis_acquire(key), REDIS_CALL_TIMEOUT)
-        except Exception as exc:
+            left = await bounded(self._redis_acquire(key))
+        except redis_errors() as exc:
             self._warn_fallback("try_acquire", exc)
             return 0.0
         if left:
@@ -1274,9 +1482,9 @@ class Cooldown:
         left = max(expires - now, 0.0)
         if self._use_redis():
             try:
-                ttl_ms = int(await _bounded(self.redis.pttl(self._key(key))))
+                ttl_ms = int(await bounded(self.redis.pttl(self._key(key))))
                 left = max(left, ttl_ms / 1000)
-            except Exception as exc:
+            except redis_errors() as exc:
                 self._warn_fallback("remaining", exc)
         return left
 
@@ -1285,8 +1493,8 @@ class Cooldown:
         await self._local(lambda data: data.pop(key, None))
         if self._use_redis():
             try:
-                await _bounded(self.redis.delete(self._key(key)))
-            except Exception as exc:
+                await bounded(self.redis.delete(self._key(key)))
+            except redis_errors() as exc:
                 self._warn_fallback("release", exc)
 
     def _use_redis(self) -> bool:
@@ -1307,13 +1515,13 @@ class Cooldown:
         name = self._key(key)
         ttl_ms = max(int(self.seconds * 1000), 1)
         for _ in range(3):
-            if await _bounded(self.redis.set(name, str(self._clock()), nx=True, px=ttl_ms)):
+            if await bounded(self.redis.set(name, str(self._clock()), nx=True, px=ttl_ms)):
                 return 0.0
-            left = int(await _bounded(self.redis.pttl(name)))
+            left = int(await bounded(self.redis.pttl(name)))
             if left > 0:
                 return left / 1000
             if left == -1:  # a key without expiry (set by hand?): give it one, refuse this use
-                await _bounded(self.redis.pexpire(name, ttl_ms))
+                await bounded(self.redis.pexpire(name, ttl_ms))
                 return self.seconds
             # -2: it expired between our two calls; try again.
         return self.seconds

@@ -8,30 +8,17 @@ session (``REDIS_URL`` overrides it); a Redis we did not start is never flushed.
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-# Other test modules import free_port and start_redis_server from here: keep them importable.
-from tests.redis_proc import free_port, start_redis_server, stop_redis_server
+from tests.support.git import GitRepos, make_git_repos
+from tests.support.redis_proc import RedisServer, free_port, start_redis_server, stop_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class RedisServer:
-    """Where the test Redis lives, and whether this session owns it."""
-
-    url: str
-    owned: bool
-    port: int | None = None
-    pid: int | None = None
-    workdir: Path | None = None
 
 
 @pytest.fixture(scope="session")
@@ -92,52 +79,7 @@ def isolated_home(
     return home
 
 
-def git(cwd: Path, *args: str) -> str:
-    """Run git in ``cwd`` for test set-up; raises on failure so a broken fixture is obvious."""
-    out = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    return out.stdout.strip()
-
-
-@dataclass(frozen=True)
-class GitRepos:
-    """A bare ``origin``, a ``clone`` tracking it, and a ``work`` clone that pushes new commits."""
-
-    origin: Path
-    clone: Path
-    work: Path
-
-    def commit_upstream(self, subject: str, filename: str | None = None) -> str:
-        """Add a commit to origin (through ``work``) and return its full hash."""
-        name = filename or f"f-{uuid.uuid4().hex[:8]}.txt"
-        (self.work / name).write_text(subject + "\n")
-        git(self.work, "add", name)
-        git(self.work, "commit", "-q", "-m", subject)
-        git(self.work, "push", "-q", "origin", "HEAD:main")
-        return git(self.work, "rev-parse", "HEAD")
-
-    def head(self) -> str:
-        """The clone's current HEAD."""
-        return git(self.clone, "rev-parse", "HEAD")
-
-
 @pytest.fixture
 def git_repos(tmp_path: Path, isolated_home: Path) -> GitRepos:
     """Real repositories in tmp: ``clone`` (under test) and ``work`` both track ``origin``."""
-    origin = tmp_path / "origin.git"
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    work = tmp_path / "work"
-    git(tmp_path, "clone", "-q", str(origin), str(work))
-    (work / "README").write_text("first\n")
-    git(work, "add", "README")
-    git(work, "commit", "-q", "-m", "initial commit")
-    git(work, "push", "-q", "origin", "HEAD:main")
-    clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(origin), str(clone))
-    return GitRepos(origin=origin, clone=clone, work=work)
+    return make_git_repos(tmp_path)

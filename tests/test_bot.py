@@ -13,7 +13,9 @@ import pytest
 
 from bot import OpsBot
 from core.settings import Settings
-from tests.conftest import ROOT, free_port, git
+from tests.support import ROOT
+from tests.support.git import git
+from tests.support.redis_proc import free_port
 
 
 def run_bot(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,136 +1,36 @@
-"""dpytest harness for the admin-ops cog: a configured bot, roles, a send spy, a systemctl stand-in.
+"""Fixtures for the cog tests: the send spy, the systemctl stand-in and the dpytest harness.
 
-Notes on dpytest 0.7.0 with discord.py 2.7 (see issue 3): ``setup_hook`` is never called and the
-bot is never marked ready; ``_async_setup_hook`` gives it a loop (``ctx.typing()`` needs one) and
-a ``_ready`` event; the bot is not closed in teardown. dpytest drops the text of messages that
-carry a file and the reply reference of every message, so outgoing messages are read from a spy
-on ``handle_message_parameters`` instead of dpytest's queue.
+The harness itself lives in :mod:`tests.support.chat`.
 """
 
 from __future__ import annotations
 
-import json
-import stat
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import discord
-import discord.abc
 import discord.ext.test as dpytest
-import discord.message
 import pytest
-from discord.ext import commands
 
-from cogs.admin_ops import AdminOps
-from core.settings import Settings
-
-
-@dataclass
-class Sent:
-    """One outgoing message as the bot handed it to discord.py."""
-
-    content: str | None
-    allowed_mentions: Any
-    reference: int | None
-    files: dict[str, str]
-    at: float
-
-
-def _payload(params: Any) -> dict[str, Any]:
-    if params.payload is not None:
-        return dict(params.payload)
-    for part in params.multipart or ():
-        if part.get("name") == "payload_json":
-            return dict(json.loads(part["value"]))
-    raise AssertionError("no payload in the outgoing message")
+from tests.support.chat import (
+    Harness,
+    Sent,
+    SystemctlStub,
+    configured_bot,
+    pings_nobody,
+    spy_on_sends,
+)
 
 
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Sent]]:
     """Every message the bot sends or edits, recorded before discord.py sends it."""
     records: list[Sent] = []
-
-    def spy_on(module: Any) -> None:
-        real = module.handle_message_parameters
-
-        def spy(*args: Any, **kwargs: Any) -> Any:
-            params = real(*args, **kwargs)
-            payload = _payload(params)
-            files = {}
-            for file in params.files or ():
-                files[file.filename] = file.fp.getvalue().decode()
-            ref = payload.get("message_reference")
-            records.append(
-                Sent(
-                    content=payload.get("content"),
-                    allowed_mentions=payload.get("allowed_mentions"),
-                    reference=int(ref["message_id"]) if ref else None,
-                    files=files,
-                    at=time.time(),
-                )
-            )
-            return params
-
-        monkeypatch.setattr(module, "handle_message_parameters", spy)
-
-    spy_on(discord.abc)
-    spy_on(discord.message)
+    spy_on_sends(monkeypatch, records)
     yield records
     # Every test checks this for free: nothing the bot sent could ping anyone.
     for record in records:
         assert pings_nobody(record), record
-
-
-def pings_nobody(record: Sent) -> bool:
-    """Whether the message's allowed mentions are ``AllowedMentions.none()``'s."""
-    mentions = record.allowed_mentions
-    return (
-        isinstance(mentions, dict)
-        and mentions.get("parse") == []
-        and "users" not in mentions
-        and "roles" not in mentions
-        and not mentions.get("replied_user")
-    )
-
-
-class SystemctlStub:
-    """A stand-in ``systemctl`` that records its argv and when it ran, and fails on request."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "systemctl"
-        self.log = directory / "systemctl-calls.jsonl"
-        self.behaviour = directory / "systemctl-behaviour"
-        self.path.write_text(
-            f"#!{sys.executable}\n"
-            "import json, sys, time\n"
-            f"with open({str(self.log)!r}, 'a') as log:\n"
-            "    log.write(json.dumps({'argv': sys.argv[1:], 'at': time.time()}) + '\\n')\n"
-            "if 'is-active' in sys.argv:\n"
-            "    print('active')\n"
-            "    sys.exit(0)\n"
-            "try:\n"
-            f"    code, err = open({str(self.behaviour)!r}).read().split('\\n', 1)\n"
-            "except FileNotFoundError:\n"
-            "    sys.exit(0)\n"
-            "sys.stderr.write(err)\n"
-            "sys.exit(int(code))\n"
-        )
-        self.path.chmod(self.path.stat().st_mode | stat.S_IXUSR)
-
-    def fail(self, code: int, stderr: str) -> None:
-        """Make every later restart exit with ``code`` after printing ``stderr``."""
-        self.behaviour.write_text(f"{code}\n{stderr}")
-
-    def calls(self, verb: str = "restart") -> list[dict[str, Any]]:
-        """The recorded runs whose argv contains ``verb``."""
-        if not self.log.exists():
-            return []
-        runs = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return [run for run in runs if verb in run["argv"]]
 
 
 @pytest.fixture
@@ -141,77 +41,6 @@ def systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SystemctlStub:
     stub = SystemctlStub(stub_dir)
     monkeypatch.setenv("OPS_SYSTEMCTL", str(stub.path))
     return stub
-
-
-def make_bot() -> commands.Bot:
-    """A bot like bot.py's but with default allowed mentions, so the cog has to set them."""
-    intents = discord.Intents.default()
-    intents.message_content = True
-    intents.members = True
-    return commands.Bot(command_prefix="!", intents=intents)
-
-
-@dataclass
-class Harness:
-    """A configured dpytest guild with an ``ops`` role, and helpers to run the cog in it."""
-
-    bot: commands.Bot
-    guild: discord.Guild
-    channel: discord.TextChannel
-    other_channel: discord.TextChannel
-    admins: list[discord.Member]
-    outsider: discord.Member
-    ops_role: discord.Role
-    other_role: discord.Role
-    state_dir: Path
-    base_env: dict[str, str]
-    exits: list[int] = field(default_factory=list)
-
-    def settings(self, **env: str) -> Settings:
-        """Settings from the harness defaults plus ``env`` (through the real parser)."""
-        return Settings.from_env({**self.base_env, **env})
-
-    async def add_cog(
-        self, settings: Settings | None = None, redis: Any = None, **kwargs: Any
-    ) -> AdminOps:
-        cog = AdminOps(
-            self.bot,
-            settings=settings or self.settings(),
-            redis=redis,
-            exit_process=self.exits.append,
-            **kwargs,
-        )
-        await self.bot.add_cog(cog)
-        return cog
-
-    async def remove_cog(self) -> None:
-        await self.bot.remove_cog("AdminOps")
-
-    async def say(
-        self, content: str, member: discord.Member | None = None, channel: Any = None
-    ) -> discord.Message:
-        """Post ``content`` as ``member`` and wait until every handler finished."""
-        return await dpytest.message(
-            content, channel=channel or self.channel, member=member or self.admins[0]
-        )
-
-
-async def configured_bot(
-    *, members: list[str] | None = None
-) -> tuple[commands.Bot, dpytest.RunnerConfig]:
-    """A fresh bot in a fresh dpytest guild, with a loop and a (not set) ready event."""
-    bot = make_bot()
-    dpytest.configure(
-        bot, text_channels=["ops", "general"], members=members or ["alice", "bob", "mallory"]
-    )
-    await bot._async_setup_hook()
-    config = dpytest.get_config()
-    for member in config.members:
-        # dpytest nicknames everyone "<name>_<n>_nick"; plain names read better in assertions.
-        dpytest.backend.update_member(member, nick=member.name)
-    # The application owner is nobody in the guild unless a test says otherwise.
-    bot.owner_id = 1
-    return bot, config
 
 
 @pytest.fixture
@@ -259,22 +88,3 @@ async def harness(
         await dpytest.empty_queue()
         if "AdminOps" in bot.cogs:
             await bot.remove_cog("AdminOps")
-
-
-def replies_to(sent: list[Sent], message: discord.Message) -> list[Sent]:
-    """The outgoing messages that reply to ``message``."""
-    return [s for s in sent if s.reference == message.id]
-
-
-def only_reply(sent: list[Sent], message: discord.Message) -> Sent:
-    """The single reply to ``message`` (fails when there is none or more than one)."""
-    found = replies_to(sent, message)
-    assert len(found) == 1, f"expected one reply, got {found}"
-    return found[0]
-
-
-def write_script(path: Path, body: str) -> Path:
-    """An executable ``sh`` script at ``path``."""
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return path

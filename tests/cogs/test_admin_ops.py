@@ -31,16 +31,10 @@ from cogs.admin_ops import (
     neutralise_fences,
 )
 from core.ops_exec import pull_lock_key
-from tests.cogs.conftest import (
-    Harness,
-    Sent,
-    SystemctlStub,
-    configured_bot,
-    only_reply,
-    replies_to,
-    write_script,
-)
-from tests.conftest import free_port, git
+from tests.support.chat import Harness, Sent, SystemctlStub, configured_bot, only_reply, replies_to
+from tests.support.git import git
+from tests.support.processes import write_script
+from tests.support.redis_proc import free_port
 
 AUDIT_LOGGER = "cogs.admin_ops.audit"
 

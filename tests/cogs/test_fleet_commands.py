@@ -39,8 +39,9 @@ from core.control_ops import (
     hosts_index_key,
     results_key,
 )
-from tests.cogs.conftest import Harness, Sent, SystemctlStub, only_reply, replies_to
-from tests.conftest import GitRepos, RedisServer, free_port, git
+from tests.support.chat import Harness, Sent, SystemctlStub, only_reply, replies_to
+from tests.support.git import GitRepos, git
+from tests.support.redis_proc import RedisServer, free_port
 
 SECRET = "fleet-chat-secret-5e1d"
 DEADLINE = 10.0  # a bound on anything a test waits for; tests finish far sooner

@@ -53,8 +53,9 @@ from core.control_ops import (
     sign_fields,
     verify_command,
 )
-from tests.conftest import GitRepos, RedisServer, free_port, git, start_redis_server
-from tests.core.git_helpers import pid_is_dead, write_script
+from tests.support.git import GitRepos, git
+from tests.support.processes import pid_is_dead, write_script
+from tests.support.redis_proc import RedisServer, free_port, start_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SECRET = "fleet-test-secret-7f3a"

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.ops_exec import Cooldown, read_json_file
-from tests.conftest import free_port
+from tests.support.redis_proc import free_port
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.ops_exec import DEFAULT_KILL_GRACE, REDIS_CALL_TIMEOUT, pull_lock_key, run_git_pull
-from tests.conftest import GitRepos, RedisServer, free_port, git
-from tests.core.git_helpers import counting_upload_pack, read_numbers
+from tests.support.git import GitRepos, counting_upload_pack, git
+from tests.support.processes import read_numbers
+from tests.support.redis_proc import RedisServer, free_port
 
 CONCURRENT_PULLS = 20
 # Long enough that every concurrent caller reaches the lock while the first one is still pulling.

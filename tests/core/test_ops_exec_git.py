@@ -29,8 +29,9 @@ from core.ops_exec import (
     run_exec,
     run_git_pull,
 )
-from tests.conftest import GitRepos, free_port, git
-from tests.core.git_helpers import ProcessLedger, live_group_members, pid_is_dead, write_script
+from tests.support.git import GitRepos, git
+from tests.support.processes import ProcessLedger, live_group_members, pid_is_dead, write_script
+from tests.support.redis_proc import free_port
 
 # The contract from issue 2, written out so a change to the module cannot silently change it.
 EXPECTED_FIXED = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.ops_exec import ExecResult, run_exec, sanitize_output
-from tests.core.git_helpers import pid_is_dead, read_numbers
+from tests.support.processes import pid_is_dead, read_numbers
 
 PY = sys.executable
 

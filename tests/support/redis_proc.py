@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 START_TIMEOUT = 10.0  # seconds for a fresh server to answer PING; it takes milliseconds
@@ -101,3 +102,14 @@ def stop_redis_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    """Where the test Redis lives, and whether this session owns it."""
+
+    url: str
+    owned: bool
+    port: int | None = None
+    pid: int | None = None
+    workdir: Path | None = None

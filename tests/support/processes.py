@@ -1,4 +1,4 @@
-"""Helpers for the git-side ``ops_exec`` tests: stand-in scripts and checks on recorded processes.
+"""Stand-in scripts and checks on the processes they recorded.
 
 The stand-ins (upload-pack programs, smudge filters, hooks) record their PIDs and process group in
 files, so a test can prove afterwards that nothing of a run survived, and kill by PID whatever did.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 
 
@@ -65,7 +64,7 @@ class ProcessLedger:
         return pgid
 
     def shell_recording(self) -> str:
-        """sh lines that record this shell's process group and PID."""
+        """Sh lines that record this shell's process group and PID."""
         return (
             "read -r _ _ _ _ pgid _ < /proc/$$/stat\n"
             f'echo "$pgid" > {self.pgid}\n'
@@ -73,7 +72,7 @@ class ProcessLedger:
         )
 
     def shell_hang(self) -> str:
-        """sh lines that ignore SIGTERM and block on a child that ignores it too."""
+        """Sh lines that ignore SIGTERM and block on a child that ignores it too."""
         return f"trap '' TERM\nsleep 30 &\necho $! >> {self.pids}\nwait\n"
 
     def kill_survivors(self) -> None:
@@ -81,45 +80,3 @@ class ProcessLedger:
             if not pid_is_dead(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-
-
-def counting_upload_pack(
-    path: Path,
-    counter: Path,
-    *,
-    delay: float = 0.0,
-    redis_url: str | None = None,
-    key: str | None = None,
-    seen: Path | None = None,
-    replace_with: str | None = None,
-) -> Path:
-    """An upload-pack wrapper: appends a line to ``counter``, optionally records the Redis lock
-    (``key``'s value, into ``seen``) or replaces it with another holder's token, waits ``delay``
-    seconds and then execs the real ``git-upload-pack``.
-    """
-    config = {
-        "counter": str(counter),
-        "delay": delay,
-        "redis_url": redis_url,
-        "key": key,
-        "seen": str(seen) if seen else None,
-        "replace_with": replace_with,
-    }
-    body = f"""
-import os, sys, time
-config = {config!r}
-with open(config["counter"], "a") as counter:
-    counter.write(f"{{os.getpid()}}\\n")
-if config["redis_url"]:
-    import redis
-    client = redis.Redis.from_url(config["redis_url"], socket_timeout=5)
-    if config["seen"]:
-        with open(config["seen"], "wb") as seen:
-            seen.write(client.get(config["key"]) or b"")
-    if config["replace_with"]:
-        client.set(config["key"], config["replace_with"], px=60_000)
-    client.close()
-time.sleep(config["delay"])
-os.execvp("git-upload-pack", ["git-upload-pack", *sys.argv[1:]])
-"""
-    return write_script(path, body, interpreter=sys.executable)
