@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from discord.ext import commands
 from redis.exceptions import RedisError
 
+from core.chat.fleet_board import FLEET_EDIT_INTERVAL, FleetBoard, LiveMessage
 from core.control_ops import (
     ControlDaemon,
     FleetResult,
@@ -93,15 +94,9 @@ MARKER_TTL = 3600
 #: The audit stream keeps roughly this many entries.
 AUDIT_MAXLEN = 10_000
 REDIS_TIMEOUT = 2.0
-#: A live fleet message is edited at most this often (Discord rate-limits edits per channel).
-FLEET_EDIT_INTERVAL = 1.0
 #: A fleet command stays valid this long past ``OPS_FLEET_TIMEOUT``, for clock skew between hosts;
 #: a host that was away longer than that never runs it later, behind the operator's back.
 FLEET_TTL_SLACK = 30.0
-#: The longest one-line summary shown per host in the live table.
-FLEET_SUMMARY_WIDTH = 110
-#: Host names listed in a fleet footer before "… and N more".
-FLEET_FOOTER_HOSTS = 10
 # What a daemon accepts as a pull target name (core.control_ops checks the same).
 _FLEET_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -227,263 +222,6 @@ class _Refusal(NamedTuple):
 class _Running(NamedTuple):
     user: str
     started: float
-
-
-# --------------------------------------------------------------------------------------------
-# The live fleet message
-# --------------------------------------------------------------------------------------------
-
-
-def _one_line(text: str, width: int) -> str:
-    """``text`` on one line (its lines joined with " · "), cut to ``width`` characters."""
-    joined = " · ".join(line.strip() for line in text.splitlines() if line.strip())
-    return joined if len(joined) <= width else joined[: width - 1] + "…"
-
-
-def _natural(host: str) -> tuple[Any, ...]:
-    """Sort key that puts web-2 before web-10 (text and numbers alternate, so types align)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", host))
-
-
-def _icon(result: HostResult) -> str:
-    if not result.ok:
-        return "❌"
-    return "✅" if result.ran else "⏭️"
-
-
-@dataclass
-class FleetBoard:
-    """What one fleet command's message shows: a row per host, then a footer.
-
-    Pure state and formatting: the cog feeds it as hosts answer, :class:`LiveMessage` shows it.
-    ``clean`` (the cog's redaction) is applied once to every host name and summary, which come
-    from other hosts. Rows are in a code block, so they render as typed and cannot break out.
-    """
-
-    title: str
-    clean: Callable[[str], str] = str
-    expected: frozenset[str] = frozenset()
-    results: dict[str, HostResult] = field(default_factory=dict)
-    fleet: FleetResult | None = None
-    error: str | None = None
-    _names: dict[str, str] = field(default_factory=dict, repr=False)
-    _summaries: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def published(self, published: Published) -> None:
-        """The command is out: these hosts are expected to answer."""
-        self.expected = frozenset(published.expected)
-
-    def add(self, result: HostResult) -> None:
-        """One host answered (the first answer per host counts, as in ``publish``)."""
-        if result.host not in self.results:
-            self.results[result.host] = result
-            self._summaries[result.host] = self.clean(result.summary)
-
-    def finish(self, fleet: FleetResult) -> None:
-        """``publish`` returned: every expected host answered, or the timeout passed."""
-        self.expected = frozenset(fleet.expected)
-        for result in fleet.results.values():
-            self.add(result)
-        self.fleet = fleet
-
-    def fail(self, error: str) -> None:
-        """The command could not be published, or answers could not be collected."""
-        self.error = error
-
-    @property
-    def finished(self) -> bool:
-        """Whether nothing will change any more."""
-        return self.fleet is not None or self.error is not None
-
-    def render(self, limit: int = MESSAGE_LIMIT) -> tuple[str, bool]:
-        """The message text (at most ``limit`` characters), and whether it shows the whole table.
-
-        A row per host with a one-line summary if that fits; else a row per host without
-        summaries; else only the counts. When it is not the whole table, the cog attaches
-        :meth:`full_text` once the command is finished.
-        """
-        hosts = self._hosts()
-        footer = self.footer()
-        if not hosts:
-            return _fit(f"{self.title}\n{footer}", limit), True
-        width = min(max(len(self._name(host)) for host in hosts), 40)
-        if self.finished:
-            attached = f"{footer}\n📎 Every host's full answer is in the next message."
-        else:
-            attached = footer
-        for summary_width in (FLEET_SUMMARY_WIDTH, 0):
-            rows = "\n".join(self._row(host, width, summary_width) for host in hosts)
-            complete = summary_width == FLEET_SUMMARY_WIDTH
-            content = (
-                f"{self.title}\n```\n{neutralise_fences(rows)}\n```\n"
-                f"{footer if complete else attached}"
-            )
-            if len(content) <= limit:
-                return content, complete
-        return _fit(f"{self.title}\n{self._tally()}\n{attached}", limit), False
-
-    def full_text(self) -> str:
-        """Every host's whole answer, for the attachment when the table did not fit."""
-        blocks = []
-        for host in self._hosts():
-            result = self.results.get(host)
-            if result is None:
-                blocks.append(f"{self._waiting_icon()} {self._name(host)}: no answer")
-                continue
-            head = f"{_icon(result)} {self._name(host)} ({result.duration:.1f} s)"
-            body = [f"    {line}" for line in self._summaries[host].splitlines()]
-            blocks.append("\n".join([head, *body]))
-        return "\n".join([*blocks, "", self.footer()]) + "\n"
-
-    def footer(self) -> str:
-        """The last line: progress, then "3/3 hosts ok in 1.2 s" or what went wrong."""
-        answered = len(self.expected & self.results.keys())
-        if self.fleet is None:
-            if self.error is not None:
-                counts = f" ({answered}/{len(self.expected)} answered)" if self.expected else ""
-                return f"❌ {self.error}{counts}"
-            return f"⏳ {answered}/{len(self.expected)} answered…"
-        fleet = self.fleet
-        if not fleet.expected and not fleet.results:
-            return "❌ No hosts are alive: no control daemon has a heartbeat in Redis; nothing ran."
-        hosts = fleet.expected | fleet.results.keys()
-        ok = sum(1 for result in fleet.results.values() if result.ok)
-        tally = f"{ok}/{len(hosts)} hosts ok in {fleet.elapsed:.1f} s"
-        if fleet.ok:
-            return f"✅ {tally}"
-        parts = []
-        failed = sorted((h for h, result in fleet.results.items() if not result.ok), key=_natural)
-        if failed:
-            parts.append(f"{len(failed)} failed: {self._listing(failed)}")
-        if fleet.silent:
-            silent = sorted(fleet.silent, key=_natural)
-            parts.append(f"{len(silent)} silent: {self._listing(silent)}")
-        if not fleet.expected:
-            parts.append("no hosts were alive when it was published")
-        return f"❌ {' · '.join(parts)} — {tally}"
-
-    # -- pieces
-
-    def _hosts(self) -> list[str]:
-        return sorted(self.expected | self.results.keys(), key=_natural)
-
-    def _name(self, host: str) -> str:
-        name = self._names.get(host)
-        if name is None:
-            name = self._names[host] = _one_line(self.clean(host), 64)
-        return name
-
-    def _waiting_icon(self) -> str:
-        return "⌛" if self.finished else "⏳"
-
-    def _row(self, host: str, width: int, summary_width: int) -> str:
-        name = self._name(host)
-        if len(name) > width:
-            name = name[: width - 1] + "…"
-        result = self.results.get(host)
-        if result is None:
-            icon, took = self._waiting_icon(), ""
-            summary = "no answer" if self.finished else "waiting"
-        else:
-            icon, took = _icon(result), f"{result.duration:.1f} s"
-            summary = _one_line(self._summaries[host], summary_width)
-        row = f"{icon} {name:<{width}}  {took:>7}"
-        return f"{row}  {summary}" if summary_width else row.rstrip()
-
-    def _tally(self) -> str:
-        results = self.results.values()
-        counts = [
-            (sum(1 for r in results if r.ok and r.ran), "✅"),
-            (sum(1 for r in results if r.ok and not r.ran), "⏭️"),
-            (sum(1 for r in results if not r.ok), "❌"),
-            (len(self.expected - self.results.keys()), self._waiting_icon()),
-        ]
-        return " · ".join(f"{icon} {count}" for count, icon in counts if count)
-
-    def _listing(self, hosts: list[str]) -> str:
-        shown = [discord.utils.escape_markdown(self._name(h)) for h in hosts[:FLEET_FOOTER_HOSTS]]
-        more = len(hosts) - len(shown)
-        return ", ".join(shown) + (f" … and {more} more" if more else "")
-
-
-def _fit(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class LiveMessage:
-    """Keep one message showing the latest rendering, editing it at most once per ``interval``.
-
-    ``changed()`` only marks the message stale; one edit loop sends the latest rendering once
-    ``interval`` has passed since the previous send or edit, so a burst of changes costs one
-    edit. ``finish()`` makes the loop send the final rendering (after the interval, like any
-    edit) and stop; it returns whether that last edit went through. The loop starts at once, so
-    build it inside a running event loop. ``clock`` and ``sleep`` are for tests.
-    """
-
-    def __init__(
-        self,
-        render: Callable[[], str],
-        edit: Callable[[str], Awaitable[bool]],
-        *,
-        shown: str,
-        interval: float = FLEET_EDIT_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    ) -> None:
-        """``shown`` is what the message says now (it was just sent)."""
-        self._render = render
-        self._edit = edit
-        self._shown = shown
-        self._interval = interval
-        self._clock = clock
-        self._sleep = sleep
-        self._last = clock()
-        self._stale = asyncio.Event()
-        self._final = False
-        #: How many edits were sent (tests and logs).
-        self.edits = 0
-        self._task = asyncio.create_task(self._loop(), name="admin-ops live fleet message")
-
-    def changed(self) -> None:
-        """The rendering changed; the message is edited when the interval allows."""
-        self._stale.set()
-
-    async def finish(self) -> bool:
-        """Show the final rendering and stop; False when the final edit failed."""
-        self._final = True
-        self._stale.set()
-        return await self._task
-
-    async def cancel(self) -> None:
-        """Stop without a final edit (the command itself failed or was cancelled)."""
-        self._task.cancel()
-        # wait() rather than awaiting the task: its own error must not replace the caller's.
-        await asyncio.wait({self._task})
-        if not self._task.cancelled() and self._task.exception() is not None:
-            log.warning("live message edit loop failed: %r", self._task.exception())
-
-    async def _loop(self) -> bool:
-        while True:
-            await self._stale.wait()
-            delay = self._last + self._interval - self._clock()
-            if delay > 0:
-                await self._sleep(delay)  # the rate limit: changes meanwhile are coalesced
-            self._stale.clear()
-            final = self._final  # read before rendering, so the final render is the last one
-            content = self._render()
-            ok = True
-            if content != self._shown:
-                try:
-                    ok = await self._edit(content)
-                except Exception:  # a failed edit must not end the loop: the final one matters
-                    log.exception("live message edit failed")
-                    ok = False
-                self._last = self._clock()
-                self.edits += 1
-                if ok:
-                    self._shown = content
-            if final:
-                return ok
 
 
 # --------------------------------------------------------------------------------------------
