@@ -345,6 +345,31 @@ async def _wait_first(future: asyncio.Future[None], timeout: float) -> bool:
     return future.done()
 
 
+async def _supervise(
+    transport: asyncio.SubprocessTransport,
+    protocol: _RunProtocol,
+    timeout: float,
+    kill_grace: float,
+) -> bool:
+    """Wait for the child, then make sure nothing of its group survives; True on a timeout."""
+    pgid = transport.get_pid()
+    timed_out = False
+    try:
+        _enlarge_pipes(transport)
+        if not await _wait_first(protocol.exited, timeout):
+            timed_out = True
+            await _stop_group(pgid, kill_grace)
+            await _wait_first(protocol.exited, _KILL_WAIT)
+        elif _live_group_members(pgid):
+            await _stop_group(pgid, kill_grace)
+        await _wait_first(protocol.pipes_closed, _DRAIN_WINDOW)
+    except asyncio.CancelledError:
+        # Shielded so that a second cancellation cannot leave the group running.
+        await asyncio.shield(_stop_group(pgid, kill_grace))
+        raise
+    return timed_out
+
+
 def _spawn_failure(
     argv: tuple[str, ...], cwd: str | None, exc: OSError, started: float
 ) -> ExecResult:
@@ -409,24 +434,11 @@ async def run_exec(
     except ValueError as exc:  # an embedded NUL byte: no program can receive it
         return ExecResult(args, None, "", f"cannot run {args[0]!r}: {exc}", False, False, 0.0)
 
-    pgid = transport.get_pid()
-    timed_out = False
     try:
-        _enlarge_pipes(transport)
-        if not await _wait_first(protocol.exited, timeout - (time.monotonic() - started)):
-            timed_out = True
-            await _stop_group(pgid, kill_grace)
-            await _wait_first(protocol.exited, _KILL_WAIT)
-        elif _live_group_members(pgid):
-            await _stop_group(pgid, kill_grace)
-        await _wait_first(protocol.pipes_closed, _DRAIN_WINDOW)
-    except asyncio.CancelledError:
-        # Shielded so that a second cancellation cannot leave the group running.
-        await asyncio.shield(_stop_group(pgid, kill_grace))
-        raise
+        remaining = timeout - (time.monotonic() - started)
+        timed_out = await _supervise(transport, protocol, remaining, kill_grace)
     finally:
         transport.close()
-
     returncode = transport.get_returncode()
     out, err = protocol.buffers[1], protocol.buffers[2]
     return ExecResult(

@@ -12,6 +12,7 @@ import pytest
 
 from core.settings import (
     COMMANDS,
+    DaemonSettings,
     PROJECT_ROOT,
     PullTarget,
     Settings,
@@ -277,3 +278,106 @@ def test_ops_systemctl_must_split_like_a_shell_would() -> None:
     assert problem.startswith("OPS_SYSTEMCTL")
     assert "split" in problem
     assert load(OPS_SYSTEMCTL="sudo -n /usr/bin/systemctl")
+
+
+# --------------------------------------------------------------------------------------------
+# One parser per variable: the bot and the daemon read their shared variables the same way
+# --------------------------------------------------------------------------------------------
+
+DAEMON_BASE = {**BASE, "OPS_CONTROL_SECRET": "fleet-hmac-secret"}
+
+
+def daemon(**env: str) -> DaemonSettings:
+    return DaemonSettings.from_env({**DAEMON_BASE, **env})
+
+
+def daemon_problems(**env: str) -> tuple[str, ...]:
+    with pytest.raises(SettingsError) as caught:
+        daemon(**env)
+    return caught.value.problems
+
+
+def test_shared_variables_mean_the_same_to_the_bot_and_the_daemon() -> None:
+    env = {
+        "OPS_REPO_DIR": "/srv/bot",
+        "OPS_PULL_TARGETS": "Worker=/srv/worker",
+        "OPS_CONTROL_PREFIX": "prod:control",
+        "OPS_IDENTITY": "web-1",
+        "OPS_PULL_TIMEOUT": "90",
+        "OPS_GIT_ENV_PASSTHROUGH": "SSH_AUTH_SOCK, https_proxy",
+        "OPS_STATE_DIR": "/var/lib/ops",
+        "OPS_RESTART_DELAY": "2",
+        "REDIS_URL": "redis://:pw-secret@10.0.0.5:6379/0",
+    }
+    bot = load(**env, OPS_CONTROL_SECRET="fleet-hmac-secret")
+    host = daemon(**env)
+    assert host.pull_targets == {t.name: str(t.path) for t in bot.pull_targets}
+    assert host.pull_targets == {"bot": "/srv/bot", "worker": "/srv/worker"}
+    assert host.prefix == bot.control_prefix == "prod:control"
+    assert host.identity == bot.control_identity == "web-1"
+    assert host.pull_timeout == bot.pull_timeout == 90.0
+    assert host.env_passthrough == bot.git_env_passthrough == ("SSH_AUTH_SOCK", "https_proxy")
+    assert host.state_dir == bot.state_dir == Path("/var/lib/ops")
+    assert host.restart_delay == bot.restart_delay == 2.0
+    assert host.redis_url == bot.redis_url
+    assert "pw-secret" in host.secrets and "fleet-hmac-secret" in host.secrets
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("OPS_PULL_TARGETS", "bot=/srv/other", "set OPS_REPO_DIR"),
+        ("OPS_PULL_TARGETS", "worker=relative", "needs an absolute path"),
+        ("OPS_PULL_TARGETS", "we ird=/x", "must be 1-32 of"),
+        ("OPS_CONTROL_PREFIX", "sg control", "must be 1-64 of"),
+        ("OPS_IDENTITY", "-web 1", "must be 1-128 of"),
+        ("OPS_PULL_TIMEOUT", "0", "must be between 1 and 3600 seconds"),
+        ("OPS_GIT_ENV_PASSTHROUGH", "NOT-A-NAME", "is not an environment variable name"),
+        ("OPS_GIT_ENV_PASSTHROUGH", "DISCORD_TOKEN", "never handed to git"),
+        ("REDIS_URL", "http://localhost", "must start with redis://"),
+    ],
+)
+def test_a_shared_variable_is_refused_alike_by_both(
+    variable: str, value: str, fragment: str
+) -> None:
+    [from_bot] = problems(**{variable: value})
+    [from_daemon] = daemon_problems(**{variable: value})
+    assert from_bot == from_daemon
+    assert from_bot.startswith(f"{variable}: ") and fragment in from_bot
+
+
+def test_a_variable_named_for_redaction_is_never_handed_to_git() -> None:
+    [problem] = problems(OPS_REDACT_ENV="DB_PASSWORD", OPS_GIT_ENV_PASSTHROUGH="DB_PASSWORD")
+    assert problem.startswith("OPS_GIT_ENV_PASSTHROUGH: DB_PASSWORD holds a secret")
+
+
+def test_daemon_units_accept_commas_and_spaces_and_need_a_secret() -> None:
+    host = daemon(OPS_RESTART_UNITS="bot, proxy.service nginx", OPS_OWN_UNITS="bot")
+    assert host.restart_units == ("bot.service", "proxy.service", "nginx.service")
+    assert host.own_units == ("bot.service",)
+    [problem] = problems_of_daemon_without_secret()
+    assert problem.startswith("OPS_CONTROL_SECRET: ")
+
+
+def problems_of_daemon_without_secret() -> tuple[str, ...]:
+    with pytest.raises(SettingsError) as caught:
+        DaemonSettings.from_env(BASE)
+    return caught.value.problems
+
+
+def test_in_process_daemon_settings_come_from_the_bots() -> None:
+    bot = load(
+        REDIS_URL="redis://127.0.0.1:6379/0",
+        OPS_CONTROL_SECRET="fleet-hmac-secret",
+        OPS_BOT_SERVICE="admin-ops-bot",
+        OPS_PROXY_SERVICE="proxy",
+        OPS_PULL_TARGETS="site=/srv/site",
+    )
+    host = bot.daemon_settings()
+    assert host is not None
+    assert host.identity.endswith(":admin-ops-bot")
+    assert host.restart_units == ("admin-ops-bot.service", "proxy.service")
+    assert host.own_units == ("admin-ops-bot.service",)
+    assert set(host.pull_targets) == {"bot", "site"}
+    assert load().daemon_settings() is None
+    assert "fleet-hmac-secret" not in repr(host)

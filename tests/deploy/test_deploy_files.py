@@ -145,7 +145,7 @@ def test_bot_unit_restarts_on_exit_status_26_and_stops_crash_loops() -> None:
 def test_env_examples_name_only_settings_the_code_reads() -> None:
     sources = "\n".join(
         path.read_text()
-        for pattern in ("core/*.py", "cogs/*.py", "bot.py")
+        for pattern in ("core/**/*.py", "cogs/*.py", "bot.py")
         for path in ROOT.glob(pattern)
     )
     for example in ("admin-ops.env.example", "admin-ops-control.env.example"):
