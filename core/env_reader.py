@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final, Literal, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
+from core.hardening import with_credentials
 from core.names import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_TARGET,
@@ -106,8 +107,8 @@ class EnvReader:
     """
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        """Read from ``env``; nothing is read until a method asks."""
-        self.env = env
+        """Read from ``env``, where systemd credentials stand in for unset secret variables."""
+        self.env = with_credentials(env)
         self.problems: list[str] = []
 
     def problem(self, name: str, message: str) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "git_upstream",
     "pull_checkout",
     "pull_lock_key",
+    "pull_lock_ttl",
     "raise_if_cancelling",
     "read_json_file",
     "redact",
@@ -136,9 +137,11 @@ def clean_text(text: str) -> str:
     return _UNSAFE_CHARS.sub("", _ANSI_ESCAPE.sub("", text))
 
 
-# Up to the last '@' of the URL: passwords may contain '@' and '/' when not percent-encoded.
-# Over-redacting a path that contains '@' is the lesser evil.
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^\s'\"<>]*@")
+# URL credentials are found by scanning, not by a pattern: ``scheme://…@`` with an unbounded
+# scheme and userinfo, retried at every position, costs quadratic time on adversarial text
+# (``a.a.a…`` or ``x://x://…``), and redaction runs on text that other hosts wrote to Redis.
+# Words are split on the characters a URL cannot contain unquoted.
+_URL_WORD_BREAKS = re.compile(r"([\s'\"<>]+)")
 # Credentials passed as URL query parameters (redis-py accepts ``?password=``).
 _QUERY_CREDENTIALS = re.compile(
     r"(?i)(?P<key>[?&](?:password|passwd|pass|pwd|token|access_token|secret)=)[^&\s'\"<>]+"
@@ -161,11 +164,32 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """Remove URL credentials, well-known token shapes and the exact ``secrets`` from ``text``."""
     for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}, key=len)[::-1]:
         text = text.replace(secret, REDACTED)
-    text = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    text = _strip_url_credentials(text)
     text = _QUERY_CREDENTIALS.sub(lambda m: f"{m.group('key')}{REDACTED}", text)
     for shape in _TOKEN_SHAPES:
         text = shape.sub(REDACTED, text)
     return text
+
+
+def _strip_url_credentials(text: str) -> str:
+    """Replace what lies between ``://`` and a word's last ``@`` with ``***``, in linear time.
+
+    Up to the *last* '@' of the word: passwords may contain '@' and '/' when not
+    percent-encoded, and over-redacting a path that contains '@' is the lesser evil.
+    """
+    if "://" not in text:
+        return text
+    parts = _URL_WORD_BREAKS.split(text)
+    # split() with a group alternates words and the breaks between them.
+    for index in range(0, len(parts), 2):
+        word = parts[index]
+        start = word.find("://")
+        if start < 0:
+            continue
+        at = word.rfind("@")
+        if at >= start + 3:
+            parts[index] = f"{word[: start + 3]}{REDACTED}{word[at:]}"
+    return "".join(parts)
 
 
 def _cap(text: str, limit: int = _SUMMARY_STDERR_CHARS) -> str:
@@ -1134,6 +1158,15 @@ def _clean_index_lock_after_kill(
     return "\nRemoved the index.lock that the killed git left behind."
 
 
+def pull_lock_ttl(timeout: float) -> float:
+    """The dedupe lock's lifetime for pulls of at most ``timeout`` seconds.
+
+    Every service uses this, so a lock that lives longer than it can only have been written by
+    someone else (``_RedisLock`` then takes it over).
+    """
+    return max(90.0, timeout + 30.0)
+
+
 class _RedisLock:
     """A fleet-wide pull lock: ``SET NX PX`` with a token, released by compare-and-delete."""
 
@@ -1149,11 +1182,31 @@ class _RedisLock:
         if await bounded(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)):
             return None
         self.held = False
+        if await self._forged():
+            # Not a lock another service holds: take it over rather than skip every pull.
+            self.held = True
+            await bounded(self.redis.set(self.key, self.token, px=self.ttl_ms))
+            return None
         try:
             holder = as_text(await bounded(self.redis.get(self.key)))
         except redis_errors():  # someone holds it; who exactly is only for the message
             holder = ""
         return holder.rsplit(":", 1)[0] if holder else "another service"
+
+    async def _forged(self) -> bool:
+        """Whether the key holds no lock a service took: none has no expiry or a longer one."""
+        left = int(await bounded(self.redis.pttl(self.key)))
+        if left == -1 or left > self.ttl_ms:
+            shown = "no expiry" if left == -1 else f"{left / 1000:.0f} s left"
+            log.warning(
+                "pull lock %s has %s, more than any pull may take (%g s): not a lock another "
+                "service holds; taking it over",
+                self.key,
+                shown,
+                self.ttl_ms / 1000,
+            )
+            return True
+        return False
 
     async def release(self) -> None:
         if not self.held:
@@ -1477,11 +1530,11 @@ class Cooldown:
         if left or not self._use_redis():
             return left
         try:
-            left = await bounded(self._redis_acquire(key))
+            left, trusted = await bounded(self._redis_acquire(key))
         except redis_errors() as exc:
             self._warn_fallback("try_acquire", exc)
             return 0.0
-        if left:
+        if left and trusted:
             # Another process holds it: remember its expiry here too, for outages to come.
             until = self._clock() + left
             await self._local(lambda data: data.__setitem__(key, until))
@@ -1491,13 +1544,16 @@ class Cooldown:
         """Seconds until ``key`` may be used again (0.0: now); records nothing."""
         now = self._clock()
         expires: float = await self._local(lambda data: data.get(key, 0.0))
-        left = max(expires - now, 0.0)
+        left = min(max(expires - now, 0.0), self.seconds)
         if self._use_redis():
             try:
                 ttl_ms = int(await bounded(self.redis.pttl(self._key(key))))
-                left = max(left, ttl_ms / 1000)
             except redis_errors() as exc:
                 self._warn_fallback("remaining", exc)
+            else:
+                if ttl_ms > self.seconds * 1000:
+                    self._warn_tampered(self._key(key), ttl_ms)
+                left = max(left, min(ttl_ms / 1000, self.seconds))
         return left
 
     async def release(self, key: str) -> None:
@@ -1523,20 +1579,38 @@ class Cooldown:
                 log.warning("cooldown state file unusable (%s); using memory", exc)
                 return update(self._store.memory)
 
-    async def _redis_acquire(self, key: str) -> float:
+    async def _redis_acquire(self, key: str) -> tuple[float, bool]:
+        """Claim ``key`` in Redis: ``(0.0, True)``, or the seconds left and whether to trust them.
+
+        Only we write these keys, always with the configured TTL: a longer one, or none, was
+        written by someone else. Such a key counts as the configured cooldown at most, is cut
+        back to it, and is never copied to the local store (where it would outlive Redis).
+        """
         name = self._key(key)
         ttl_ms = max(int(self.seconds * 1000), 1)
         for _ in range(3):
             if await bounded(self.redis.set(name, str(self._clock()), nx=True, px=ttl_ms)):
-                return 0.0
+                return 0.0, True
             left = int(await bounded(self.redis.pttl(name)))
-            if left > 0:
-                return left / 1000
-            if left == -1:  # a key without expiry (set by hand?): give it one, refuse this use
+            if 0 < left <= ttl_ms:
+                return left / 1000, True
+            if left == -1 or left > ttl_ms:
+                self._warn_tampered(name, left)
                 await bounded(self.redis.pexpire(name, ttl_ms))
-                return self.seconds
+                return self.seconds, False
             # -2: it expired between our two calls; try again.
-        return self.seconds
+        return self.seconds, False
+
+    def _warn_tampered(self, name: str, ttl_ms: int) -> None:
+        shown = "no expiry" if ttl_ms < 0 else f"{ttl_ms / 1000:.0f} s left"
+        log.warning(
+            "cooldown %s in Redis has %s, more than the configured %g s: written by someone "
+            "else (or the setting was lowered); counted as %g s at most",
+            name,
+            shown,
+            self.seconds,
+            self.seconds,
+        )
 
     def _local_acquire(self, key: str) -> Callable[[dict[str, float]], float]:
         now = self._clock()
@@ -1545,7 +1619,8 @@ class Cooldown:
             for stale in [k for k, expires in data.items() if expires <= now]:
                 del data[stale]
             if key in data:
-                return data[key] - now
+                # A state file edited by hand (or a lowered setting) counts as the setting.
+                return min(data[key] - now, self.seconds)
             data[key] = now + self.seconds
             return 0.0
 

@@ -268,3 +268,40 @@ async def test_use_seen_in_redis_from_another_host_is_mirrored_locally(
     assert await Cooldown(
         60, redis=flaky, prefix=key_prefix, state_file=tmp_path / "b"
     ).try_acquire("k")
+
+
+TEN_YEARS_MS = 10 * 365 * 86_400_000
+
+
+@pytest.mark.parametrize("ttl_ms", [TEN_YEARS_MS, None])
+async def test_a_cooldown_planted_in_redis_counts_as_the_configured_length_at_most(
+    redis_client: aioredis.Redis,
+    key_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    ttl_ms: int | None,
+) -> None:
+    # Anyone who can write to Redis could otherwise block a command for years, and the value
+    # would be copied into the state file and outlive Redis being cleaned.
+    state = tmp_path / "cooldowns.json"
+    await redis_client.set(f"{key_prefix}:bot_restart", "1", px=ttl_ms)
+    cooldown = Cooldown(120, redis=redis_client, state_file=state, prefix=key_prefix)
+
+    left = await cooldown.try_acquire("bot_restart")
+
+    assert 0 < left <= 120
+    assert 0 < await cooldown.remaining("bot_restart") <= 120
+    assert 0 < await redis_client.pttl(f"{key_prefix}:bot_restart") <= 120_000
+    stored = read_json_file(state) or {}
+    assert all(expires <= time.time() + 120 + 1 for expires in stored.values())
+    assert "written by someone else" in caplog.text
+
+
+async def test_a_state_file_edited_by_hand_counts_as_the_configured_length_at_most(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "cooldowns.json"
+    state.write_text('{"bot_pull": %f}' % (time.time() + 10 * 365 * 86_400))
+    cooldown = Cooldown(15, state_file=state)
+    assert 0 < await cooldown.try_acquire("bot_pull") <= 15
+    assert 0 < await cooldown.remaining("bot_pull") <= 15

@@ -119,7 +119,8 @@ async def test_lock_held_by_another_service_skips_the_pull(
     clone, counter, _ = counted_clone
     head = git_repos.head()
     key = pull_lock_key(clone)
-    await redis_client.set(key, "web-2:4242:0123abcd", px=60_000)
+    # A real holder's lock never lives longer than lock_ttl.
+    await redis_client.set(key, "web-2:4242:0123abcd", px=int(LOCK_TTL * 1000) - 1000)
 
     result = await run_git_pull(clone, redis=redis_client, timeout=TIMEOUT, lock_ttl=LOCK_TTL)
 
@@ -128,6 +129,28 @@ async def test_lock_held_by_another_service_skips_the_pull(
     assert count_fetches(counter) == 0
     assert git_repos.head() == head
     assert await redis_client.get(key) == b"web-2:4242:0123abcd"
+
+
+@pytest.mark.parametrize("ttl_ms", [10 * 365 * 86_400_000, None])
+async def test_a_lock_longer_than_any_pull_is_forged_and_taken_over(
+    git_repos: GitRepos,
+    counted_clone: tuple[Path, Path, str],
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    ttl_ms: int | None,
+) -> None:
+    # Anyone who can write to Redis could otherwise block every pull of this checkout.
+    clone, counter, new_head = counted_clone
+    key = pull_lock_key(clone)
+    await redis_client.set(key, "forger:1:ffff", px=ttl_ms)
+
+    result = await run_git_pull(clone, redis=redis_client, timeout=TIMEOUT, lock_ttl=LOCK_TTL)
+
+    assert (result.ran, result.ok) == (True, True), result.summary
+    assert count_fetches(counter) == 1
+    assert git_repos.head() == new_head
+    assert "not a lock another service holds" in caplog.text
+    assert await redis_client.get(key) is None  # released like our own
 
 
 async def test_dedupe_false_ignores_the_redis_lock(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from core.ops_exec import redact
@@ -65,3 +67,37 @@ def test_credentials_in_query_parameters_are_redacted() -> None:
     assert "hunter2secret" not in redacted
     assert "abc123def" not in redacted
     assert "?password=***&db=1" in redacted
+
+
+ADVERSARIAL = {
+    "a.a.a": lambda n: ("a." * n)[:n],
+    "x://x://": lambda n: ("x://" * n)[:n],
+    "scheme characters": lambda n: ("ab+c.d-" * n)[:n],
+    "token characters": lambda n: ("A" * n)[:n],
+    "a-a-a": lambda n: ("a-" * n)[:n],
+}
+
+
+def best_time(text: str, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        redact(text, ["hunter2hunter2"])
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_redaction_time_grows_linearly_with_adversarial_input(name: str) -> None:
+    # 16x the text must cost about 16x the time; the old pattern cost 256x (quadratic), so
+    # a forged 256 KiB fleet summary froze the bot's event loop. Compared within one run.
+    make = ADVERSARIAL[name]
+    small, large = best_time(make(64 * 1024)), best_time(make(1024 * 1024))
+    assert large / small < 64, f"{name}: {small:.4f}s -> {large:.4f}s"
+
+
+def test_credentials_deep_in_a_long_line_are_still_found() -> None:
+    text = "a." * 200_000 + " https://bot:hunter2secret@git.example/x " + "x://" * 50_000
+    redacted = redact(text)
+    assert "hunter2secret" not in redacted
+    assert "https://***@git.example/x" in redacted

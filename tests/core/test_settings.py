@@ -248,7 +248,14 @@ def test_imports_only_the_standard_library() -> None:
         check=True,
     )
     loaded = json.loads(out.stdout)
-    ours = {"core", "core.settings", "core.env_reader", "core.names", "core.ops_exec"}
+    ours = {
+        "core",
+        "core.settings",
+        "core.env_reader",
+        "core.hardening",
+        "core.names",
+        "core.ops_exec",
+    }
     foreign = [
         m for m in loaded if m not in ours and m.split(".")[0] not in sys.stdlib_module_names
     ]
@@ -381,3 +388,20 @@ def test_in_process_daemon_settings_come_from_the_bots() -> None:
     assert set(host.pull_targets) == {"bot", "site"}
     assert load().daemon_settings() is None
     assert "fleet-hmac-secret" not in repr(host)
+
+
+def test_secrets_can_come_from_systemd_credentials(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "discord-token").write_text("token-from-credential\n")
+    (credentials / "control-secret").write_text("secret-from-credential")
+    (credentials / "redis-url").write_text("redis://:cred-pw@10.0.0.5:6379/0\n")
+    settings = load(CREDENTIALS_DIRECTORY=str(credentials))
+    assert settings.discord_token == "token-from-credential"
+    assert settings.control_secret == "secret-from-credential"
+    assert settings.redis_url == "redis://:cred-pw@10.0.0.5:6379/0"
+    assert {"token-from-credential", "secret-from-credential", "cred-pw"} <= set(settings.secrets)
+    host = DaemonSettings.from_env({**BASE, "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert host.secret == "secret-from-credential"
+    # An explicit variable wins over the credential.
+    assert load(CREDENTIALS_DIRECTORY=str(credentials), DISCORD_TOKEN="env").discord_token == "env"
