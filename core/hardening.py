@@ -34,7 +34,7 @@ _PR_GET_DUMPABLE: Final = 3
 
 
 def _prctl() -> Callable[..., int] | None:
-    """libc's ``prctl``, or None where there is none."""
+    """The C library's ``prctl``, or None where there is none."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name, use_errno=True)

@@ -108,4 +108,5 @@ async def test_pull_outcome_carries_both_commits_and_the_seed_result_its_three_f
     assert outcome.updated
     assert tuple(outcome.result) == (True, True, outcome.summary)
     again = await pull_checkout(git_repos.clone)
-    assert again.ok and not again.updated
+    assert again.ok
+    assert not again.updated

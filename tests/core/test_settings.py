@@ -12,8 +12,8 @@ import pytest
 
 from core.settings import (
     COMMANDS,
-    DaemonSettings,
     PROJECT_ROOT,
+    DaemonSettings,
     PullTarget,
     Settings,
     SettingsError,
@@ -327,7 +327,8 @@ def test_shared_variables_mean_the_same_to_the_bot_and_the_daemon() -> None:
     assert host.state_dir == bot.state_dir == Path("/var/lib/ops")
     assert host.restart_delay == bot.restart_delay == 2.0
     assert host.redis_url == bot.redis_url
-    assert "pw-secret" in host.secrets and "fleet-hmac-secret" in host.secrets
+    assert "pw-secret" in host.secrets
+    assert "fleet-hmac-secret" in host.secrets
 
 
 @pytest.mark.parametrize(
@@ -350,7 +351,8 @@ def test_a_shared_variable_is_refused_alike_by_both(
     [from_bot] = problems(**{variable: value})
     [from_daemon] = daemon_problems(**{variable: value})
     assert from_bot == from_daemon
-    assert from_bot.startswith(f"{variable}: ") and fragment in from_bot
+    assert from_bot.startswith(f"{variable}: ")
+    assert fragment in from_bot
 
 
 def test_a_variable_named_for_redaction_is_never_handed_to_git() -> None:
