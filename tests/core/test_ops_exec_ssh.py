@@ -58,7 +58,8 @@ async def test_a_checkouts_own_ssh_command_is_used_with_batch_options(
 
     outcome = await pull_checkout(git_repos.clone)
 
-    assert outcome.ok and outcome.updated, outcome.summary
+    assert outcome.ok, outcome.summary
+    assert outcome.updated
     assert outcome.head_after == new == git_repos.head()
     [argv] = calls(log)
     # The checkout's key comes first, so OpenSSH (first value wins) uses it.
