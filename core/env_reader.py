@@ -30,6 +30,7 @@ from core.ops_exec import MIN_SECRET_LENGTH, redact, systemctl_argv, validate_un
 
 __all__ = [
     "ALWAYS_SECRET",
+    "DEFAULT_RESTART_MIN_INTERVAL",
     "MAX_SECONDS",
     "EnvReader",
     "PullTarget",
@@ -44,6 +45,8 @@ RestartMode = Literal["systemd", "exit"]
 
 #: The largest number of seconds any duration setting accepts.
 MAX_SECONDS: Final = 3600.0
+#: Seconds a unit must have run before a command may restart it again.
+DEFAULT_RESTART_MIN_INTERVAL: Final = 60.0
 #: Variables whose values are secrets wherever they appear, besides the token and Redis password.
 ALWAYS_SECRET: Final = ("OPS_CONTROL_SECRET",)
 #: Variables that must never be handed to git, whatever ``OPS_GIT_ENV_PASSTHROUGH`` says.
@@ -285,6 +288,10 @@ class EnvReader:
     def restart_delay(self) -> float:
         """``OPS_RESTART_DELAY``: seconds between the answer and a deferred self-restart."""
         return self.seconds("OPS_RESTART_DELAY", 1.0, maximum=60.0)
+
+    def restart_min_interval(self) -> float:
+        """``OPS_RESTART_MIN_INTERVAL``: seconds a unit must have run before a restart."""
+        return self.seconds("OPS_RESTART_MIN_INTERVAL", DEFAULT_RESTART_MIN_INTERVAL)
 
     def systemctl(self) -> None:
         """``OPS_SYSTEMCTL``: read by ``core.ops_exec`` at each call; checked here at start."""

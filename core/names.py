@@ -36,8 +36,11 @@ TARGET_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 TARGET_NAME_RULE: Final = "1-32 of a-z 0-9 _ . - (starting alphanumeric)"
 
 #: A control daemon's identity, as it appears in results: ``web-1``, ``web-1:admin-ops-bot``.
-IDENTITY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
-IDENTITY_RULE: Final = "1-128 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)"
+IDENTITY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+IDENTITY_RULE: Final = "1-64 of A-Z a-z 0-9 . _ : @ - (starting alphanumeric)"
+
+_IDENTITY_MAX: Final = 64
+_IDENTITY_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._:@-]")
 
 #: A fleet command's id (a uuid4 hex from our publisher).
 COMMAND_ID: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
@@ -54,9 +57,14 @@ def target_name(text: str) -> str | None:
 
 
 def default_identity(service: str | None = None) -> str:
-    """This host's name, plus ``:service`` when several daemons share a host."""
-    host = socket.gethostname() or "localhost"
-    return f"{host}:{service}" if service else host
+    """This host's name, plus ``:service`` when several daemons share a host.
+
+    Always a valid identity: characters outside the grammar become ``-`` and a long host
+    name is cut so that the whole fits.
+    """
+    host = _IDENTITY_UNSAFE.sub("-", socket.gethostname() or "localhost").lstrip("-._:@")
+    suffix = f":{_IDENTITY_UNSAFE.sub('-', service)}" if service else ""
+    return f"{(host or 'localhost')[: _IDENTITY_MAX - len(suffix)]}{suffix}"[:_IDENTITY_MAX]
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ __all__ = [
     "systemctl_argv",
     "systemctl_is_active",
     "systemctl_restart",
+    "unit_started_ago",
     "unit_state",
     "validate_unit_name",
 ]
@@ -757,6 +758,26 @@ async def unit_state(unit: str, timeout: float = 5.0) -> UnitState:
     if state and state[0]:
         return UnitState(state[0])
     return UnitState(None, _systemctl_failure(name, "is-active", result, timeout))
+
+
+async def unit_started_ago(unit: str, timeout: float = 5.0) -> float | None:
+    """Seconds since ``unit`` last became active, from systemd; None when it cannot tell.
+
+    Host-wide: it counts every start, whoever caused it (a chat command, a fleet command, a
+    crash and its automatic restart), which is what a unit's start limit counts too.
+    """
+    try:
+        name = validate_unit_name(unit)
+        program = systemctl_argv()
+    except ValueError:
+        return None
+    argv = [*program, "--no-ask-password", "show", "--property=ActiveEnterTimestampMonotonic"]
+    result = await run_exec([*argv, "--value", "--", name], env=_service_env(), timeout=timeout)
+    text = result.stdout.strip()
+    if not result.ok or not text.isascii() or not text.isdigit() or int(text) == 0:
+        return None
+    # systemd's monotonic timestamps are CLOCK_MONOTONIC microseconds, as time.monotonic().
+    return max(time.monotonic() - int(text) / 1e6, 0.0)
 
 
 async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:

@@ -15,6 +15,7 @@ from typing import Final
 
 from core.env_reader import (
     ALWAYS_SECRET,
+    DEFAULT_RESTART_MIN_INTERVAL,
     EnvReader,
     PullTarget,
     RestartMode,
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_CONTROL_PREFIX",
     "DEFAULT_COOLDOWNS",
     "DEFAULT_DAEMON_REDIS_URL",
+    "DEFAULT_RESTART_MIN_INTERVAL",
     "DEFAULT_TARGET",
     "PROJECT_ROOT",
     "DaemonSettings",
@@ -89,6 +91,7 @@ class Settings:
     proxy_service: str | None = None
     restart_mode: RestartMode = "systemd"
     restart_delay: float = 1.0
+    restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL
     pull_timeout: float = 60.0
     git_env_passthrough: tuple[str, ...] = ()
     control_secret: str | None = field(default=None, repr=False)
@@ -96,6 +99,7 @@ class Settings:
     fleet_timeout: float = 30.0
     control_in_process: bool = False
     control_identity: str | None = None
+    guild_ids: frozenset[int] = frozenset()
     admin_role_ids: frozenset[int] = frozenset()
     admin_role_names: frozenset[str] = frozenset()
     command_role_ids: tuple[tuple[str, frozenset[int]], ...] = ()
@@ -174,6 +178,7 @@ class Settings:
             pull_timeout=self.pull_timeout,
             env_passthrough=self.git_env_passthrough,
             restart_delay=self.restart_delay,
+            restart_min_interval=self.restart_min_interval,
             state_dir=self.state_dir,
             secrets=self.secrets,
         )
@@ -215,6 +220,7 @@ class Settings:
             proxy_service=reader.unit("OPS_PROXY_SERVICE"),
             restart_mode=restart_mode,
             restart_delay=reader.restart_delay(),
+            restart_min_interval=reader.restart_min_interval(),
             pull_timeout=reader.pull_timeout(),
             git_env_passthrough=reader.git_env_passthrough(),
             control_secret=control_secret,
@@ -222,6 +228,7 @@ class Settings:
             fleet_timeout=reader.seconds("OPS_FLEET_TIMEOUT", 30.0, minimum=1.0),
             control_in_process=control_in_process,
             control_identity=control_identity,
+            guild_ids=reader.id_set("OPS_GUILD_IDS", "server ID"),
             admin_role_ids=reader.id_set("OPS_ADMIN_ROLE_IDS", "role ID"),
             admin_role_names=frozenset(reader.list("OPS_ADMIN_ROLE_NAMES")),
             command_role_ids=command_role_ids,
@@ -231,8 +238,19 @@ class Settings:
             redact_env=redact_env,
             secrets=reader.secret_values(redact_env, token),
         )
+        _check_role_names(reader, settings)
         reader.raise_problems()
         return settings
+
+
+def _check_role_names(reader: EnvReader, settings: Settings) -> None:
+    """Role names admit anyone who can create a role: only in servers the operator names."""
+    if settings.admin_role_names and not settings.guild_ids:
+        reader.problem(
+            "OPS_ADMIN_ROLE_NAMES",
+            "role names need OPS_GUILD_IDS: without it, anyone who adds the bot to a server "
+            "of their own can create a role with that name there",
+        )
 
 
 def _per_command(
@@ -288,6 +306,7 @@ class DaemonSettings:
     pull_timeout: float = 60.0
     env_passthrough: tuple[str, ...] = ()
     restart_delay: float = 1.0
+    restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL
     state_dir: Path | None = None
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
@@ -310,6 +329,7 @@ class DaemonSettings:
             pull_timeout=reader.pull_timeout(),
             env_passthrough=reader.git_env_passthrough(),
             restart_delay=reader.restart_delay(),
+            restart_min_interval=reader.restart_min_interval(),
             state_dir=reader.state_dir(),
             secrets=reader.secret_values(reader.names("OPS_REDACT_ENV")),
         )

@@ -46,3 +46,11 @@ def test_every_key_lives_under_the_prefix() -> None:
     assert keys.audit == "p:audit"
     assert keys.pull_lock("/srv/app", "h") == pull_lock_key("/srv/app", "h", prefix="p")
     assert Keys().commands == f"{DEFAULT_KEY_PREFIX}:commands"
+
+
+def test_default_identity_is_always_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "h" * 80 + ".example_(x)")
+    assert IDENTITY.fullmatch(default_identity("admin-ops-bot"))
+    assert default_identity("admin-ops-bot").endswith(":admin-ops-bot")
+    monkeypatch.setattr("socket.gethostname", lambda: "")
+    assert default_identity() == "localhost"

@@ -77,6 +77,8 @@ def test_every_variable_is_read() -> None:
         OPS_PULL_TIMEOUT="120",
         OPS_ADMIN_ROLE_IDS="111, 222",
         OPS_ADMIN_ROLE_NAMES="Ops, Site Reliability",
+        OPS_GUILD_IDS="999000, 999001",
+        OPS_RESTART_MIN_INTERVAL="90",
         OPS_ROLE_IDS_BOT_RESTART="333",
         OPS_ROLE_IDS_PROXY_RESTART="444,555",
         OPS_ROLE_IDS_BOT_PULL="666",
@@ -113,6 +115,8 @@ def test_every_variable_is_read() -> None:
     assert settings.pull_timeout == 120.0
     assert settings.admin_role_ids == {111, 222}
     assert settings.admin_role_names == {"Ops", "Site Reliability"}
+    assert settings.guild_ids == {999000, 999001}
+    assert settings.restart_min_interval == 90.0
     assert settings.role_ids_for("bot_restart") == {333}
     assert settings.role_ids_for("proxy_restart") == {444, 555}
     assert settings.role_ids_for("bot_pull") == {666}
@@ -159,7 +163,7 @@ def test_every_variable_is_read() -> None:
         ("OPS_CONTROL_PREFIX", "sg control", "must be 1-64 of"),
         ("OPS_CONTROL_IN_PROCESS", "maybe", "must be 1 or 0"),
         ("OPS_CONTROL_IN_PROCESS", "1", "needs REDIS_URL and OPS_CONTROL_SECRET"),
-        ("OPS_IDENTITY", "-web 1", "must be 1-128 of"),
+        ("OPS_IDENTITY", "-web 1", "must be 1-64 of"),
         ("OPS_RESTART_DELAY", "120", "must be between 0 and 60 seconds"),
         ("OPS_STATE_DIR", "state", "must be an absolute path"),
         ("OPS_REPO_DIR", "./app", "must be an absolute path"),
@@ -338,7 +342,7 @@ def test_shared_variables_mean_the_same_to_the_bot_and_the_daemon() -> None:
         ("OPS_PULL_TARGETS", "worker=relative", "needs an absolute path"),
         ("OPS_PULL_TARGETS", "we ird=/x", "must be 1-32 of"),
         ("OPS_CONTROL_PREFIX", "sg control", "must be 1-64 of"),
-        ("OPS_IDENTITY", "-web 1", "must be 1-128 of"),
+        ("OPS_IDENTITY", "-web 1", "must be 1-64 of"),
         ("OPS_PULL_TIMEOUT", "0", "must be between 1 and 3600 seconds"),
         ("OPS_GIT_ENV_PASSTHROUGH", "NOT-A-NAME", "is not an environment variable name"),
         ("OPS_GIT_ENV_PASSTHROUGH", "DISCORD_TOKEN", "never handed to git"),
@@ -407,3 +411,20 @@ def test_secrets_can_come_from_systemd_credentials(tmp_path: Path) -> None:
     assert host.secret == "secret-from-credential"
     # An explicit variable wins over the credential.
     assert load(CREDENTIALS_DIRECTORY=str(credentials), DISCORD_TOKEN="env").discord_token == "env"
+
+
+def test_role_names_need_the_servers_they_count_in() -> None:
+    # Anyone who adds a public bot to a server of their own can create a role called "ops".
+    [problem] = problems(OPS_ADMIN_ROLE_NAMES="ops")
+    assert problem.startswith("OPS_ADMIN_ROLE_NAMES: ")
+    assert "OPS_GUILD_IDS" in problem
+    assert load(OPS_ADMIN_ROLE_NAMES="ops", OPS_GUILD_IDS="123").guild_ids == {123}
+    [bad] = problems(OPS_GUILD_IDS="my-server")
+    assert bad.startswith("OPS_GUILD_IDS: 'my-server' is not a server ID")
+
+
+def test_restart_min_interval_is_shared_by_bot_and_daemon() -> None:
+    assert load().restart_min_interval == 60.0
+    assert daemon(OPS_RESTART_MIN_INTERVAL="0").restart_min_interval == 0.0
+    [problem] = daemon_problems(OPS_RESTART_MIN_INTERVAL="-1")
+    assert problem.startswith("OPS_RESTART_MIN_INTERVAL: must be between 0 and 3600")
