@@ -1,0 +1,1 @@
+"""Tests of the admin-ops cog in dpytest."""

@@ -21,7 +21,8 @@ from discord.ext import commands
 from hypothesis import given
 from hypothesis import strategies as st
 
-import cogs.admin_ops as admin_ops
+import core.chat.actions as chat_actions
+import core.chat.restart as chat_restart
 from cogs.admin_ops import (
     MARKER_MAX_AGE,
     MESSAGE_LIMIT,
@@ -30,7 +31,7 @@ from cogs.admin_ops import (
     format_reply,
     neutralise_fences,
 )
-from core.ops_exec import pull_lock_key
+from core.ops_exec import UnitResult, pull_lock_key
 from tests.support.chat import Harness, Sent, SystemctlStub, configured_bot, only_reply, replies_to
 from tests.support.git import git
 from tests.support.processes import write_script
@@ -148,7 +149,7 @@ async def test_pull_named_target_and_unknown_target(
 
 
 async def test_pull_failure_keeps_the_cooldown(harness: Harness, git_repos: Any, sent):
-    """git ran (and failed): the run acted, so the cooldown holds."""
+    """Git ran (and failed): the run acted, so the cooldown holds."""
     await harness.add_cog()
     git_repos.commit_upstream("upstream side")
     (git_repos.clone / "local.txt").write_text("local\n")
@@ -182,7 +183,10 @@ async def test_pull_skips_while_another_service_pulls_the_checkout(
     harness: Harness, git_repos: Any, redis_client: Any, tmp_path: Path, sent, key_prefix: str
 ):
     counter = count_fetches(git_repos.clone, tmp_path)
-    await redis_client.set(pull_lock_key(git_repos.clone), "worker-host:worker.service:77:tok")
+    # A real holder's lock expires within any pull's lock TTL (90 s at least).
+    await redis_client.set(
+        pull_lock_key(git_repos.clone), "worker-host:worker.service:77:tok", px=60_000
+    )
     await harness.add_cog(redis=redis_client, key_prefix=key_prefix)
     message = await harness.say("!bot_pull")
     reply = only_reply(sent, message)
@@ -228,11 +232,12 @@ async def test_a_timed_out_proxy_restart_keeps_the_cooldown(
     # systemd keeps the job after a timeout, so the restart may still happen: no instant retry.
     calls: list[str] = []
 
-    async def timed_out(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
+    async def timed_out(unit: str, timeout: float = 20.0, **_: object) -> UnitResult:
         calls.append(unit)
-        return False, f"systemctl restart {unit} timed out after 20s; the job may still complete"
+        summary = f"systemctl restart {unit} timed out after 20s; the job may still complete"
+        return UnitResult(False, summary, timed_out=True)
 
-    monkeypatch.setattr(admin_ops, "systemctl_restart", timed_out)
+    monkeypatch.setattr(chat_actions, "restart_unit", timed_out)
     await harness.add_cog()
     message = await harness.say("!proxy_restart")
     assert only_reply(sent, message).content.startswith("❌ Could not restart `proxy.service`")
@@ -249,13 +254,13 @@ async def test_bot_restart_is_still_running_while_its_request_waits(
     requested, release = asyncio.Event(), asyncio.Event()
     calls: list[str] = []
 
-    async def gated(unit: str, *, delay: float = 1.0, **_: object) -> tuple[bool, str]:
+    async def gated(unit: str, *, delay: float = 1.0, **_: object) -> UnitResult:
         calls.append(unit)
         requested.set()
         await release.wait()
-        return True, f"restart of {unit} requested"
+        return UnitResult(True, f"restart of {unit} requested")
 
-    monkeypatch.setattr(admin_ops, "deferred_systemctl_restart", gated)
+    monkeypatch.setattr(chat_restart, "request_restart", gated)
     await harness.add_cog(harness.settings(OPS_COOLDOWN_BOT_RESTART="0"))
     first = dpytest.backend.make_message("!bot_restart", harness.admins[0], harness.channel)
     await asyncio.wait_for(requested.wait(), 5)
@@ -287,12 +292,12 @@ async def test_a_second_invocation_while_one_runs_is_refused_at_once(
 ):
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_restart(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
+    async def slow_restart(unit: str, timeout: float = 20.0, **_: object) -> UnitResult:
         started.set()
         await release.wait()
-        return True, f"restarted {unit}"
+        return UnitResult(True, f"restarted {unit}")
 
-    monkeypatch.setattr(admin_ops, "systemctl_restart", slow_restart)
+    monkeypatch.setattr(chat_actions, "restart_unit", slow_restart)
     await harness.add_cog()
     # dpytest.message() waits for every handler, so the first one must not be awaited yet.
     first = dpytest.backend.make_message("!proxy_restart", harness.admins[0], harness.channel)
@@ -320,7 +325,7 @@ async def test_an_unexpected_error_is_answered_in_one_sentence(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cog, "_invoke", broken)
+    monkeypatch.setattr(cog.pipeline, "invoke", broken)
     # dpytest re-raises a command's error after the cog's handler answered it.
     with pytest.raises(commands.CommandInvokeError):
         await harness.say("!ops_status")
@@ -331,10 +336,10 @@ async def test_an_unexpected_error_is_answered_in_one_sentence(
 async def test_a_failing_action_is_answered_audited_and_frees_the_command(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
 ):
-    async def crash(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
+    async def crash(unit: str, timeout: float = 20.0, **_: object) -> UnitResult:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(admin_ops, "systemctl_restart", crash)
+    monkeypatch.setattr(chat_actions, "restart_unit", crash)
     await harness.add_cog(harness.settings(OPS_COOLDOWN_PROXY_RESTART="0"))
     with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
         for _ in range(2):  # not stuck "already running" after the crash
@@ -839,20 +844,27 @@ async def test_loads_as_an_extension_with_settings_from_the_environment(
     await harness.bot.unload_extension("cogs.admin_ops")
 
 
-async def test_restart_is_audited_before_systemd_is_asked(
+async def test_restart_is_audited_once_by_the_process_that_comes_back(
     harness: Harness, systemctl: SystemctlStub, sent, caplog: pytest.LogCaptureFixture
 ):
-    # systemd stops the bot as soon as it runs the job, so the record must already be written.
+    # systemd stops the bot as soon as it runs the job, so the process that asks writes no
+    # record: its marker carries the invocation, and the process that comes back records it.
     await harness.add_cog()
     with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
         await harness.say("!bot_restart")
+        assert [r for r in caplog.records if r.name == AUDIT_LOGGER] == []
+        [call] = systemctl.calls()
+        await _reload_and_get_ready(harness)
     [record] = [r for r in caplog.records if r.name == AUDIT_LOGGER]
-    assert json.loads(record.getMessage())["outcome"] == "restart requested"
-    [call] = systemctl.calls()
-    assert record.created < call["at"]
+    written = json.loads(record.getMessage())
+    assert (written["command"], written["outcome"]) == ("bot_restart", "ok")
+    assert written["user_id"] == harness.admins[0].id
+    assert written["channel_id"] == harness.channel.id
+    assert re.fullmatch(r"restart requested; back online after \d+ s", written["detail"])
+    assert record.created > call["at"]
 
 
-async def test_failed_restart_request_is_audited_again(
+async def test_a_failed_restart_request_is_audited_once(
     harness: Harness, systemctl: SystemctlStub, sent, caplog: pytest.LogCaptureFixture
 ):
     await harness.add_cog()
@@ -862,7 +874,7 @@ async def test_failed_restart_request_is_audited_again(
     outcomes = [
         json.loads(r.getMessage())["outcome"] for r in caplog.records if r.name == AUDIT_LOGGER
     ]
-    assert outcomes == ["restart requested", "failed"]
+    assert outcomes == ["failed"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -877,12 +889,12 @@ async def test_a_long_outputs_attachment_is_redacted_too(
     # without the cog's secrets), and an attachment is shown as much as the message text.
     bot_token = harness.base_env["DISCORD_TOKEN"]
     extra = "hunter2-database-password"
-    real_pull = admin_ops.run_git_pull
+    real_pull = chat_actions.pull_checkout
 
     async def forgetful_pull(*args: Any, **kwargs: Any) -> Any:
         return await real_pull(*args, **{**kwargs, "secrets": ()})
 
-    monkeypatch.setattr(admin_ops, "run_git_pull", forgetful_pull)
+    monkeypatch.setattr(chat_actions, "pull_checkout", forgetful_pull)
     await harness.add_cog(harness.settings(OPS_REDACT_ENV="DB_PASSWORD", DB_PASSWORD=extra))
     for n in range(9):
         git_repos.commit_upstream(f"Change {n} " + "y" * 250)
@@ -956,7 +968,7 @@ async def test_pull_shows_typing_while_git_runs(
 ):
     events: list[Any] = []
     real_enter, real_exit = Typing.__aenter__, Typing.__aexit__
-    real_pull = admin_ops.run_git_pull
+    real_pull = chat_actions.pull_checkout
 
     async def enter(self: Typing) -> None:
         await real_enter(self)
@@ -975,7 +987,7 @@ async def test_pull_shows_typing_while_git_runs(
 
     monkeypatch.setattr(Typing, "__aenter__", enter)
     monkeypatch.setattr(Typing, "__aexit__", exit_)
-    monkeypatch.setattr(admin_ops, "run_git_pull", pull)
+    monkeypatch.setattr(chat_actions, "pull_checkout", pull)
     await harness.add_cog()
     message = await harness.say("!bot_pull")
     assert only_reply(sent, message).content.startswith("✅ `bot` already up to date")
@@ -1010,10 +1022,10 @@ async def test_audit_records_are_redacted(
 ):
     token = harness.base_env["DISCORD_TOKEN"]
 
-    async def leaky(unit: str, timeout: float = 20.0, **_: object) -> tuple[bool, str]:
+    async def leaky(unit: str, timeout: float = 20.0, **_: object) -> UnitResult:
         raise OSError(f"cannot reach the bus with {token}")
 
-    monkeypatch.setattr(admin_ops, "systemctl_restart", leaky)
+    monkeypatch.setattr(chat_actions, "restart_unit", leaky)
     settings = harness.settings(OPS_AUDIT_CHANNEL_ID=str(harness.other_channel.id))
     await harness.add_cog(settings, redis=redis_client, key_prefix=key_prefix)
     with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
@@ -1041,13 +1053,13 @@ async def test_pull_names_this_instance_host_service_and_pid(
 ):
     # The Redis lock's holder: another service skipping this pull is told who holds it.
     calls: list[dict[str, Any]] = []
-    real_pull = admin_ops.run_git_pull
+    real_pull = chat_actions.pull_checkout
 
     async def pull(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs)
         return await real_pull(*args, **kwargs)
 
-    monkeypatch.setattr(admin_ops, "run_git_pull", pull)
+    monkeypatch.setattr(chat_actions, "pull_checkout", pull)
     await harness.add_cog(redis=redis_client, key_prefix=key_prefix)
     message = await harness.say("!bot_pull")
     assert only_reply(sent, message).content.startswith("✅")

@@ -749,7 +749,7 @@ async def test_when_the_last_edit_fails_the_final_state_is_posted_anew(
     async def refused(message: discord.Message, content: str) -> bool:
         return False  # e.g. someone deleted the live message meanwhile
 
-    monkeypatch.setattr(cog, "_edit_live", refused)
+    monkeypatch.setattr(cog.replies, "edit_live", refused)
     message = await fleet_status_answered_at_once(harness, fleet, ["solo-1"], lambda h: "pong")
     live, final = replies_to(sent, message)
     assert (live.content or "").endswith("⏳ 0/1 answered…")

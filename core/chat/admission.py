@@ -1,0 +1,145 @@
+"""Who may run a command here, and whether it may run now.
+
+:meth:`Admission.check` answers *who and where*: in a server, by the owner or a member with an
+ops role, in an allowed channel. :meth:`Admission.admit` answers *when*: not while the same
+command runs, not during its cooldown; it marks the command running until
+:meth:`Admission.done`. Each answer is a :class:`Refusal` or None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import discord
+import redis.asyncio as aioredis
+from discord.ext import commands
+
+from core.chat.replies import display_name, shown
+from core.ops_exec import Cooldown
+from core.settings import Settings
+from core.text import format_duration
+
+__all__ = ["Admission", "Refusal", "RefusalStatus", "Running", "make_cooldowns"]
+
+log = logging.getLogger("cogs.admin_ops.admission")
+
+#: Why a command was not run, as the audit record says it.
+RefusalStatus = Literal[
+    "refused:dm",
+    "refused:role",
+    "refused:channel",
+    "refused:config",
+    "refused:running",
+    "refused:cooldown",
+]
+
+
+class Refusal(NamedTuple):
+    """A command that will not run: the audit status, and the answer to the invoker."""
+
+    status: RefusalStatus
+    message: str
+
+
+class Running(NamedTuple):
+    """Who started a running command, and when (monotonic clock)."""
+
+    user: str
+    started: float
+
+
+def make_cooldowns(
+    settings: Settings, redis: aioredis.Redis | None, prefix: str
+) -> dict[str, Cooldown]:
+    """A cooldown per command that has one, kept in Redis under ``prefix`` and the state dir."""
+    return {
+        command: Cooldown(seconds, redis=redis, state_file=settings.cooldown_file, prefix=prefix)
+        for command, seconds in settings.cooldowns
+        if seconds > 0
+    }
+
+
+class Admission:
+    """The role, channel, running and cooldown checks of every command."""
+
+    def __init__(
+        self, bot: commands.Bot, settings: Settings, cooldowns: Mapping[str, Cooldown]
+    ) -> None:
+        """Check against ``settings``; ``cooldowns`` maps a command to its cooldown."""
+        self.bot = bot
+        self.settings = settings
+        self.cooldowns = cooldowns
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._running: dict[str, Running] = {}
+
+    @property
+    def running(self) -> Mapping[str, Running]:
+        """The commands running now."""
+        return self._running
+
+    async def check(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
+        """The first failing check of: server only, role, channel."""
+        if ctx.guild is None or not isinstance(ctx.author, discord.Member):
+            return Refusal("refused:dm", "These commands only work in a server.")
+        if not await self._may_run(ctx.author, command):
+            return Refusal("refused:role", f"You need an ops role to run {shown(ctx, command)}.")
+        allowed = self.settings.channel_ids
+        # A thread counts as its parent channel.
+        parent_id = getattr(ctx.channel, "parent_id", None)
+        if allowed and ctx.channel.id not in allowed and parent_id not in allowed:
+            return Refusal(
+                "refused:channel", f"{shown(ctx, command)} can't be used in this channel."
+            )
+        return None
+
+    async def _may_run(self, member: discord.Member, command: str) -> bool:
+        """The application owner (or team) always; else a role from the settings."""
+        try:
+            if await self.bot.is_owner(member):
+                return True
+        except discord.HTTPException as exc:
+            log.warning("cannot look up the application owner: %s", exc)
+        role_ids = self.settings.role_ids_for(command)
+        if any(role.id in role_ids for role in member.roles):
+            return True
+        names = self.settings.admin_role_names
+        if names and not self.settings.has_role_override(command):
+            return any(role.name in names for role in member.roles)
+        return False
+
+    async def admit(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
+        """Refuse when the command is running or cooling down; else mark it running."""
+        async with self._locks.setdefault(command, asyncio.Lock()):
+            running = self._running.get(command)
+            if running is not None:
+                ago = format_duration(time.monotonic() - running.started)
+                return Refusal(
+                    "refused:running",
+                    f"{shown(ctx, command)} is already running "
+                    f"(started by {running.user} {ago} ago)",
+                )
+            cooldown = self.cooldowns.get(command)
+            if cooldown is not None:
+                remaining = await cooldown.try_acquire(command)
+                if remaining > 0:
+                    wait = format_duration(remaining, round_up=True)
+                    return Refusal(
+                        "refused:cooldown",
+                        f"{shown(ctx, command)} is cooling down — try again in {wait}.",
+                    )
+            self._running[command] = Running(display_name(ctx.author), time.monotonic())
+        return None
+
+    async def give_back(self, command: str) -> None:
+        """Forget the cooldown use of a run that did nothing: the operator may retry at once."""
+        cooldown = self.cooldowns.get(command)
+        if cooldown is not None:
+            await cooldown.release(command)
+
+    def done(self, command: str) -> None:
+        """The admitted run of ``command`` is over."""
+        self._running.pop(command, None)

@@ -1,0 +1,189 @@
+"""The audit trail: one record per chat command, as a log line, a Redis stream entry and a post.
+
+An :class:`AuditDraft` is taken when a command arrives (who, where, what, when); the record is
+the draft plus how it ended. The draft is plain data so a self-restart can carry it to the next
+process, which writes the record once it is back (the process that asked for the restart may be
+stopped at any moment after asking).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import discord
+import redis.asyncio as aioredis
+from discord.ext import commands
+from redis.typing import EncodableT, FieldT
+
+from core.chat.replies import Replies, display_name
+from core.ops_exec import bounded, redis_errors
+from core.text import format_duration, inline_code
+
+__all__ = ["AUDIT_LOGGER", "AUDIT_MAXLEN", "AuditDraft", "AuditSink"]
+
+#: The logger of the audit lines (one JSON object each); operators route it by this name.
+AUDIT_LOGGER: Final = "cogs.admin_ops.audit"
+#: The audit stream keeps roughly this many entries.
+AUDIT_MAXLEN: Final = 10_000
+#: The longest detail kept in a record.
+DETAIL_LIMIT: Final = 300
+
+# Trouble writing the trail goes to the cog's log, not into the trail itself.
+log = logging.getLogger("cogs.admin_ops")
+audit_log = logging.getLogger(AUDIT_LOGGER)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditDraft:
+    """Everything of an audit record but its outcome: who asked for what, where and when."""
+
+    #: Ties the record to the invocation, also when another process writes it.
+    invocation: str
+    user_id: int
+    user: str
+    #: The requester's display name, Markdown made inert, for the audit channel.
+    user_shown: str
+    guild_id: int | None
+    guild: str | None
+    channel_id: int
+    channel: str
+    command: str
+    #: The arguments as typed, redacted.
+    args: tuple[str, ...]
+    #: The prefix the command was typed with (``!``).
+    prefix: str
+    #: Wall-clock time the command arrived.
+    started_at: float
+
+    @classmethod
+    def of(
+        cls,
+        ctx: commands.Context[Any],
+        command: str,
+        args: Sequence[str],
+        clean: Callable[[str], str],
+    ) -> AuditDraft:
+        """The draft for ``command`` as ``ctx`` invoked it; ``clean`` redacts the arguments."""
+        guild = ctx.guild
+        return cls(
+            invocation=uuid.uuid4().hex,
+            user_id=ctx.author.id,
+            user=str(ctx.author),
+            user_shown=display_name(ctx.author),
+            guild_id=guild.id if guild else None,
+            guild=guild.name if guild else None,
+            channel_id=ctx.channel.id,
+            channel=getattr(ctx.channel, "name", None) or "DM",
+            command=command,
+            args=tuple(clean(arg) for arg in args),
+            prefix=ctx.clean_prefix,
+            started_at=time.time(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The draft as a JSON object (kept in a restart marker)."""
+        data = asdict(self)
+        data["args"] = list(self.args)
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> AuditDraft | None:
+        """The draft saved by :meth:`to_json`, or None when ``data`` is not one."""
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            args = data["args"]
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                return None
+            return cls(
+                invocation=str(data["invocation"]),
+                user_id=int(data["user_id"]),
+                user=str(data["user"]),
+                user_shown=str(data["user_shown"]),
+                guild_id=None if data["guild_id"] is None else int(data["guild_id"]),
+                guild=None if data["guild"] is None else str(data["guild"]),
+                channel_id=int(data["channel_id"]),
+                channel=str(data["channel"]),
+                command=str(data["command"]),
+                args=tuple(args),
+                prefix=str(data["prefix"]),
+                started_at=float(data["started_at"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class AuditSink:
+    """Write audit records: a log line, the Redis stream (with Redis), the audit channel."""
+
+    def __init__(
+        self,
+        bot: commands.Bot,
+        replies: Replies,
+        *,
+        redis: aioredis.Redis | None,
+        stream: str,
+        channel_id: int | None,
+    ) -> None:
+        """Post to ``channel_id`` when set; add to ``stream`` when a Redis client is given."""
+        self.bot = bot
+        self.replies = replies
+        self.redis = redis
+        self.stream = stream
+        self.channel_id = channel_id
+
+    async def write(self, draft: AuditDraft, status: str, detail: str, duration: float) -> None:
+        """Record how ``draft``'s invocation ended: ``status``, ``detail``, after ``duration`` s."""
+        record: dict[str, Any] = {
+            "user_id": draft.user_id,
+            "user": draft.user,
+            "guild_id": draft.guild_id,
+            "guild": draft.guild,
+            "channel_id": draft.channel_id,
+            "channel": draft.channel,
+            "command": draft.command,
+            "args": list(draft.args),
+            "outcome": status,
+            "detail": self.replies.redact(detail.strip())[:DETAIL_LIMIT],
+            "duration_s": round(duration, 3),
+            "invocation": draft.invocation,
+        }
+        audit_log.info("%s", json.dumps(record, ensure_ascii=False))
+        await self._add_to_stream(record)
+        await self._post(draft, status, duration)
+
+    async def _add_to_stream(self, record: Mapping[str, Any]) -> None:
+        if self.redis is None:
+            return
+        fields: dict[FieldT, EncodableT] = {
+            key: json.dumps(value) if isinstance(value, list) else str(value or "")
+            for key, value in record.items()
+        }
+        fields["duration_s"] = str(record["duration_s"])
+        try:
+            await bounded(
+                self.redis.xadd(self.stream, fields, maxlen=AUDIT_MAXLEN, approximate=True)
+            )
+        except redis_errors() as exc:
+            log.warning("audit: cannot XADD to %s: %s", self.stream, exc)
+
+    async def _post(self, draft: AuditDraft, status: str, duration: float) -> None:
+        if self.channel_id is None:
+            return
+        channel = self.bot.get_channel(self.channel_id)
+        if not isinstance(channel, discord.abc.Messageable):
+            log.warning("audit channel %s not found", self.channel_id)
+            return
+        typed = " ".join([f"{draft.prefix}{draft.command}", *draft.args])
+        where = f"#{draft.channel}" if draft.guild_id is not None else "a DM"
+        line = (
+            f"{inline_code(typed)} by {draft.user_shown} ({draft.user_id}) "
+            f"in {where}: {status} ({format_duration(duration)})"
+        )
+        await self.replies.post(channel, line)

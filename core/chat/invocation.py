@@ -1,0 +1,176 @@
+"""One chat command from message to reply: the checks in a fixed order, the action, the record.
+
+:meth:`Pipeline.invoke` runs, for every command: server only → role → channel (who and where,
+:class:`~core.chat.admission.Admission`) → configured (the command's own ``configure``, asked
+only now, so only someone allowed to run the command learns how it is configured) → already
+running → cooldown (when) → the action → the reply → one audit record. A run that did not act
+gives its cooldown back here, so an operator may retry at once.
+
+``configure`` turns the settings and arguments into either an :data:`Action` that holds
+everything it needs, already resolved (the target, the unit, the fleet's client and secret),
+or :class:`NotConfigured`. An action returns an :class:`Outcome`, which says what to reply and
+what to record; it never decides about cooldowns or audit records itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from discord.ext import commands
+
+from core.chat.admission import Admission, Refusal, RefusalStatus
+from core.chat.audit import AuditDraft, AuditSink
+from core.chat.replies import Replies, shown
+
+__all__ = [
+    "Action",
+    "Configure",
+    "Invocation",
+    "NotConfigured",
+    "Outcome",
+    "Pipeline",
+    "Reply",
+    "Status",
+]
+
+log = logging.getLogger("cogs.admin_ops.invocation")
+
+#: How an invocation ended, as its audit record says it.
+Status = Literal["ok", "skipped", "failed", "error"] | RefusalStatus
+
+
+class Reply(NamedTuple):
+    """The answer to the command's message: a headline and, optionally, details in a block."""
+
+    headline: str
+    details: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an action ended, for the reply, the audit record and the cooldown.
+
+    ``acted=False`` means nothing happened on the host (systemctl refused, git could not
+    start), so the cooldown is given back. ``after`` runs once the record is written (the
+    exit-mode restart closes the bot there). ``recorded_by_next_process``: the process that
+    comes back after a restart writes this invocation's record, so this one writes none.
+    """
+
+    status: Status
+    acted: bool = True
+    detail: str = ""
+    reply: Reply | None = None
+    after: Callable[[], Awaitable[None]] | None = None
+    recorded_by_next_process: bool = False
+
+
+@dataclass(frozen=True)
+class NotConfigured:
+    """A command that cannot run as configured or as invoked: the answer says what to fix."""
+
+    message: str
+
+    @classmethod
+    def missing(cls, inv: Invocation, variables: Sequence[str]) -> NotConfigured:
+        """The answer when ``variables`` must be set before ``inv``'s command can run."""
+        return cls(f"{inv.shown} is not configured: set {' and '.join(variables)}")
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One command as invoked: its context, name and audit draft."""
+
+    ctx: commands.Context[Any]
+    command: str
+    draft: AuditDraft
+
+    @property
+    def shown(self) -> str:
+        """The command as the invoker typed it, as inline code."""
+        return shown(self.ctx, self.command)
+
+
+#: What a command does, with everything it needs already resolved.
+Action = Callable[[Invocation], Awaitable[Outcome]]
+#: Resolves a command's configuration and arguments; asked only after the role and channel.
+Configure = Callable[[Invocation], Action | NotConfigured]
+
+
+class Pipeline:
+    """Run every command the same way: check, run at most once at a time, reply, record."""
+
+    def __init__(self, admission: Admission, audit: AuditSink, replies: Replies) -> None:
+        """Check with ``admission``, record in ``audit``, answer through ``replies``."""
+        self.admission = admission
+        self.audit = audit
+        self.replies = replies
+
+    async def invoke(
+        self,
+        ctx: commands.Context[Any],
+        command: str,
+        configure: Configure,
+        *,
+        args: Sequence[str] = (),
+    ) -> None:
+        """Run ``command`` as invoked in ``ctx``; ``args`` are recorded as typed."""
+        started = time.monotonic()
+        inv = Invocation(ctx, command, AuditDraft.of(ctx, command, args, self.replies.redact))
+        # What is recorded if the task is cancelled before an outcome is known.
+        outcome = Outcome("error", detail="interrupted")
+        admitted = False
+        try:
+            try:
+                decided = await self._admit(inv, configure)
+                if isinstance(decided, Refusal):
+                    outcome = Outcome(decided.status, acted=False, reply=Reply(decided.message))
+                else:
+                    admitted = True
+                    outcome = await decided(inv)
+            # The last line of defence for a bug in an action: whatever it raised, the operator
+            # gets an answer, the invocation its record, and the command is free again.
+            except Exception as exc:
+                log.exception("%s failed unexpectedly", command)
+                outcome = Outcome(
+                    "error",
+                    detail=f"{type(exc).__name__}: {exc}",
+                    reply=Reply(
+                        f"❌ {inv.shown} failed unexpectedly; the details are in the bot's log."
+                    ),
+                )
+            finally:
+                await self._conclude(inv, outcome, admitted, time.monotonic() - started)
+            if outcome.after is not None:
+                await outcome.after()
+        finally:
+            if admitted:
+                # Still "running" until its last step is done (an exit-mode restart closes the
+                # bot there); only the invocation that took the mark may clear it.
+                self.admission.done(command)
+
+    async def _admit(self, inv: Invocation, configure: Configure) -> Action | Refusal:
+        """The action to run, or why not: who and where, then configured, then when."""
+        ctx, command = inv.ctx, inv.command
+        refusal = await self.admission.check(ctx, command)
+        if refusal is not None:
+            return refusal
+        planned = configure(inv)
+        if isinstance(planned, NotConfigured):
+            return Refusal("refused:config", planned.message)
+        refusal = await self.admission.admit(ctx, command)
+        return planned if refusal is None else refusal
+
+    async def _conclude(
+        self, inv: Invocation, outcome: Outcome, admitted: bool, duration: float
+    ) -> None:
+        """Reply, give the cooldown back to a run that did nothing, write the record."""
+        if outcome.reply is not None:
+            await self.replies.reply(inv.ctx, *outcome.reply)
+        if admitted and not outcome.acted:
+            await self.admission.give_back(inv.command)
+        if not outcome.recorded_by_next_process:
+            await self.audit.write(inv.draft, outcome.status, outcome.detail, duration)

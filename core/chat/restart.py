@@ -1,0 +1,181 @@
+"""``!bot_restart``, and what the process that comes back does about it.
+
+Before asking for the restart the bot replies, then leaves a :class:`RestartMarker`. With
+systemd (``OPS_RESTART_MODE=systemd``) the restart is requested without waiting, since systemd
+stops this process as soon as it runs the job: the marker carries the invocation's audit draft,
+and the process that comes back writes the one record (:meth:`SelfRestart.back_online`). If the
+request fails, this process is still alive: it writes the record itself ("failed") and the
+marker is discarded. With ``OPS_RESTART_MODE=exit`` the record is written, then the bot closes
+and exits with status 26 for its supervisor to start it again.
+
+The process that comes back replies "back online" to the ``!bot_restart`` message, unless the
+marker is older than :data:`~core.chat.markers.MARKER_MAX_AGE` (then only the record is written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import discord
+from discord.ext import commands
+
+from core.chat.audit import AuditDraft, AuditSink
+from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Reply
+from core.chat.markers import MARKER_MAX_AGE, RestartMarker, RestartMarkers
+from core.chat.process import RESTART_EXIT_STATUS
+from core.chat.replies import Replies, display_name
+from core.ops_exec import git_head, request_restart
+from core.settings import Settings
+from core.text import format_duration, inline_code
+
+__all__ = ["SelfRestart"]
+
+log = logging.getLogger("cogs.admin_ops.restart")
+
+
+class SelfRestart:
+    """Restart this bot on request, and announce and record the restart once back."""
+
+    def __init__(
+        self,
+        *,
+        bot: commands.Bot,
+        settings: Settings,
+        markers: RestartMarkers,
+        audit: AuditSink,
+        replies: Replies,
+        exit_process: Callable[[int], None],
+    ) -> None:
+        """``exit_process`` ends the process in exit mode (tests pass a spy)."""
+        self.bot = bot
+        self.settings = settings
+        self.markers = markers
+        self.audit = audit
+        self.replies = replies
+        self.exit_process = exit_process
+
+    def configure(self, inv: Invocation) -> Action | NotConfigured:
+        """Exit for a supervisor, or ask systemd to restart ``OPS_BOT_SERVICE``."""
+        if self.settings.restart_mode == "exit":
+            return self.restart_by_exit
+        unit = self.settings.bot_service
+        if unit is None:
+            return NotConfigured.missing(inv, ["OPS_BOT_SERVICE"])
+        return lambda inv: self.restart_by_systemd(inv, unit)
+
+    async def restart_by_systemd(self, inv: Invocation, unit: str) -> Outcome:
+        """Reply, leave the marker with the audit draft, then ask systemd (without waiting)."""
+        await self._announce(inv, inline_code(unit))
+        marker = await self._marker(inv, unit, inv.draft)
+        await self.markers.save(marker.to_json())
+        result = await request_restart(
+            unit, delay=self.settings.restart_delay, secrets=self.replies.secrets
+        )
+        if result.ok:
+            # systemd stops this process once it runs the job: the next one writes the record.
+            return Outcome("ok", detail=result.summary, recorded_by_next_process=True)
+        if result.timed_out:
+            # The restart may still come, so the marker stays to announce it; the record is
+            # written here and now, so the next process must not write a second one.
+            await self.markers.save(dataclasses.replace(marker, audit=None).to_json())
+        else:
+            await self.markers.discard()
+        reply = Reply(f"❌ Could not restart {inline_code(unit)}", result.summary)
+        return Outcome("failed", acted=result.acted, detail=result.summary, reply=reply)
+
+    async def restart_by_exit(self, inv: Invocation) -> Outcome:
+        """Reply, leave the marker; once the record is written, close the bot and exit."""
+        unit = self.settings.bot_service
+        await self._announce(inv, inline_code(unit) if unit else "the bot")
+        marker = await self._marker(inv, unit, None)
+        await self.markers.save(marker.to_json())
+        return Outcome("ok", detail=f"exit {RESTART_EXIT_STATUS}", after=self._close_and_exit)
+
+    async def _announce(self, inv: Invocation, what: str) -> None:
+        requester = display_name(inv.ctx.author)
+        await self.replies.reply(inv.ctx, f"♻️ Restarting {what} (requested by {requester})…")
+
+    async def _marker(
+        self, inv: Invocation, unit: str | None, audit: AuditDraft | None
+    ) -> RestartMarker:
+        ctx = inv.ctx
+        return RestartMarker(
+            guild_id=ctx.guild.id if ctx.guild else None,
+            channel_id=ctx.channel.id,
+            message_id=ctx.message.id,
+            requester_id=ctx.author.id,
+            requester=str(ctx.author),
+            requested_at=time.time(),
+            commit=await git_head(self.settings.repo_dir),
+            unit=unit,
+            mode=self.settings.restart_mode,
+            audit=audit,
+        )
+
+    async def _close_and_exit(self) -> None:
+        try:
+            await self.bot.close()
+        finally:
+            self.exit_process(RESTART_EXIT_STATUS)
+
+    # ------------------------------------------------------------------ the next process
+
+    async def back_online(self) -> None:
+        """Record the restart that led to this start, and reply to its request if recent."""
+        data = await self.markers.take()
+        if data is None:
+            return
+        now = time.time()
+        marker = RestartMarker.from_json(data)
+        draft = AuditDraft.from_json(data.get("audit"))
+        if draft is not None:
+            since = marker.requested_at if marker is not None else draft.started_at
+            detail = f"restart requested; back online after {format_duration(now - since)}"
+            await self.audit.write(draft, "ok", detail, now - draft.started_at)
+        if marker is None:
+            log.warning("restart marker: malformed, discarded: %r", data)
+            return
+        age = now - marker.requested_at
+        if not 0 <= age <= MARKER_MAX_AGE:
+            log.info(
+                "restart marker from %s is %s old; discarded without a notice",
+                marker.requester,
+                format_duration(age),
+            )
+            return
+        await self._notify(marker, f"✅ Back online after {format_duration(age)}")
+
+    async def _notify(self, marker: RestartMarker, text: str) -> None:
+        now_at = await git_head(self.settings.repo_dir)
+        was = marker.commit
+        if now_at and was and now_at != was:
+            text += f" — now at {now_at} (was {was})"
+        elif now_at:
+            text += f" — still at {now_at}"
+        channel = await self._find_channel(marker.channel_id)
+        if channel is None:
+            log.warning(
+                "back online, but channel %s of the restart request is gone: %s",
+                marker.channel_id,
+                text,
+            )
+            return
+        original: discord.Message | None = None
+        try:
+            original = await channel.fetch_message(marker.message_id)
+        except discord.HTTPException:
+            original = None  # deleted, or no permission to read history: post in the channel
+        await self.replies.post(channel, text, reference=original)
+
+    async def _find_channel(self, channel_id: int) -> discord.abc.Messageable | None:
+        channel: Any = self.bot.get_channel(channel_id)
+        if channel is None:
+            try:
+                channel = await self.bot.fetch_channel(channel_id)
+            except (discord.HTTPException, discord.InvalidData):
+                return None
+        return channel if isinstance(channel, discord.abc.Messageable) else None
