@@ -107,9 +107,13 @@ class Admission:
         if any(role.id in role_ids for role in member.roles):
             return True
         names = self.settings.admin_role_names
-        if names and not self.settings.has_role_override(command):
-            return any(role.name in names for role in member.roles)
-        return False
+        if not names or self.settings.has_role_override(command):
+            return False
+        # Anyone can create a role with any name in a server of their own: names count only in
+        # the servers the operator listed.
+        if member.guild.id not in self.settings.guild_ids:
+            return False
+        return any(role.name in names for role in member.roles)
 
     async def admit(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
         """Refuse when the command is running or cooling down; else mark it running."""

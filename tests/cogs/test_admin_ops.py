@@ -420,6 +420,7 @@ async def test_per_command_role_override_and_role_names(
     settings = harness.settings(
         OPS_ADMIN_ROLE_IDS="12345",  # nobody's role: Alice's "ops" counts by name only
         OPS_ADMIN_ROLE_NAMES="ops",
+        OPS_GUILD_IDS=str(harness.guild.id),
         OPS_ROLE_IDS_PROXY_RESTART=str(harness.other_role.id),
     )
     await harness.add_cog(settings)
@@ -433,6 +434,17 @@ async def test_per_command_role_override_and_role_names(
     message = await harness.say("!proxy_restart", member=mallory)
     assert only_reply(sent, message).content.startswith("✅ Restarted")
     message = await harness.say("!ops_status", member=mallory)
+    assert only_reply(sent, message).content == "You need an ops role to run `!ops_status`."
+
+
+async def test_role_names_count_only_in_the_listed_servers(harness: Harness, sent):
+    settings = harness.settings(
+        OPS_ADMIN_ROLE_IDS="12345",  # nobody's role: Alice's "ops" could only count by name
+        OPS_ADMIN_ROLE_NAMES="ops",
+        OPS_GUILD_IDS="999000",  # not this server
+    )
+    await harness.add_cog(settings)
+    message = await harness.say("!ops_status")
     assert only_reply(sent, message).content == "You need an ops role to run `!ops_status`."
 
 
