@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -18,16 +19,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import discord
-import redis.asyncio as aioredis
 from discord.ext import commands
 
-from core.ops_exec import git_head, git_upstream, redact, systemctl_argv, systemctl_is_active
+from core.ops_exec import (
+    UnitState,
+    bounded,
+    git_head,
+    git_upstream,
+    redact,
+    redis_errors,
+    systemctl_argv,
+    unit_state,
+)
+from core.redis_client import make_redis
 from core.settings import Settings, SettingsError
 
 #: Extensions loaded at start-up.
 EXTENSIONS = ("cogs.admin_ops",)
 #: Exit status for a configuration that cannot start (no token, invalid setting).
 EXIT_CONFIG = 2
+#: Seconds ``--check`` waits for Redis to answer a PING.
+REDIS_CHECK_TIMEOUT = 3.0
 
 log = logging.getLogger("admin_ops.bot")
 
@@ -39,10 +51,15 @@ NO_DISCORD_LOGIN_HELP = (
 
 
 class OpsBot(commands.Bot):
-    """A bot that mentions nobody and loads the admin-ops cog at start-up."""
+    """A bot that mentions nobody and loads the admin-ops cog at start-up.
+
+    It carries its ``settings``: the cog's ``setup()`` uses them instead of reading the
+    environment a second time.
+    """
 
     def __init__(self, settings: Settings) -> None:
         """Prefix from settings; the message content and members intents the cog relies on."""
+        self.settings = settings
         intents = discord.Intents.default()
         intents.message_content = True
         intents.members = True
@@ -99,15 +116,15 @@ def _check_systemctl(settings: Settings) -> tuple[bool, str]:
     )
 
 
-def _answered(state: str) -> bool:
-    """Whether systemctl could tell a unit's state (``unknown (…)`` means it could not run)."""
-    return not state.startswith("unknown")
+def _answered(state: UnitState) -> bool:
+    """Whether systemctl could tell a unit's state (else it could not run, or was refused)."""
+    return state.state is not None
 
 
 async def _check_units(settings: Settings) -> list[tuple[bool, str]]:
     lines: list[tuple[bool, str]] = []
     if settings.bot_service is not None:
-        state = await systemctl_is_active(settings.bot_service)
+        state = await unit_state(settings.bot_service)
         lines.append((_answered(state), f"OPS_BOT_SERVICE: {settings.bot_service} ({state})"))
     elif settings.restart_mode == "exit":
         lines.append((True, "OPS_BOT_SERVICE not set: !bot_restart exits with status 26"))
@@ -116,7 +133,7 @@ async def _check_units(settings: Settings) -> list[tuple[bool, str]]:
             (True, "OPS_BOT_SERVICE not set: !bot_restart is off (or set OPS_RESTART_MODE=exit)")
         )
     if settings.proxy_service is not None:
-        state = await systemctl_is_active(settings.proxy_service)
+        state = await unit_state(settings.proxy_service)
         lines.append((_answered(state), f"OPS_PROXY_SERVICE: {settings.proxy_service} ({state})"))
     else:
         lines.append((True, "OPS_PROXY_SERVICE not set: !proxy_restart is off"))
@@ -127,16 +144,46 @@ async def _check_redis(settings: Settings) -> tuple[bool, str]:
     if settings.redis_url is None:
         return True, "REDIS_URL not set: cooldowns and the restart marker use the state dir"
     shown = settings.masked_redis_url
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = make_redis(settings.redis_url)
     started = time.monotonic()
     try:
-        await asyncio.wait_for(client.ping(), 3)
-    except Exception as exc:
+        await bounded(client.ping(), REDIS_CHECK_TIMEOUT)
+    except redis_errors() as exc:
         detail = str(exc).splitlines()[0] if str(exc) else "no answer"
         return False, f"Redis at {shown} does not answer: {type(exc).__name__}: {detail}"
     finally:
         await client.aclose()
     return True, f"Redis at {shown} answers ({(time.monotonic() - started) * 1000:.1f} ms)"
+
+
+def _check_fleet(settings: Settings) -> tuple[bool, str]:
+    """Whether the ``!fleet_*`` commands can run, and the in-process daemon's identity."""
+    missing = settings.fleet_missing
+    if missing:
+        line = f"fleet: !fleet_* commands off (they need {' and '.join(missing)})"
+    else:
+        line = (
+            f"fleet: !fleet_* commands configured (key prefix {settings.control_prefix}, "
+            f"answers awaited {settings.fleet_timeout:g} s)"
+        )
+    if not settings.control_in_process:
+        return True, line
+    daemon = settings.daemon_settings()
+    if daemon is None:
+        return False, f"{line}; OPS_CONTROL_IN_PROCESS=1 needs REDIS_URL and OPS_CONTROL_SECRET"
+    return True, f"{line}; in-process daemon joins as {daemon.identity}"
+
+
+def _check_passthrough(settings: Settings) -> list[tuple[bool, str]]:
+    """Which variables git also gets (names only: their values may be sensitive)."""
+    names = settings.git_env_passthrough
+    if not names:
+        return []
+    unset = [name for name in names if name not in os.environ]
+    line = f"OPS_GIT_ENV_PASSTHROUGH: git also gets {', '.join(names)}"
+    if unset:
+        line += f" (not set in this environment: {', '.join(unset)})"
+    return [(True, line)]
 
 
 def _check_state_dir(settings: Settings) -> tuple[bool, str]:
@@ -168,6 +215,8 @@ async def run_checks(settings: Settings) -> list[tuple[bool, str]]:
     results.append(_check_systemctl(settings))
     results += await _check_units(settings)
     results.append(await _check_redis(settings))
+    results.append(_check_fleet(settings))
+    results += _check_passthrough(settings)
     results.append(_check_state_dir(settings))
     return results
 
@@ -192,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate settings and host (git checkouts, systemctl, Redis, state dir); no Discord",
+        help="validate settings and host (checkouts, units, Redis, fleet, state dir); no Discord",
     )
     args = parser.parse_args(argv)
     try:

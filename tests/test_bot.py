@@ -70,8 +70,44 @@ def test_check_passes_on_a_good_configuration(
     assert "OPS_PROXY_SERVICE: nginx.service (active)" in text
     assert "answers" in text
     assert "is writable" in text
+    assert "fleet: !fleet_* commands off (they need OPS_CONTROL_SECRET)" in text
     assert token not in text
-    assert len(lines) == 8
+    assert len(lines) == 9
+
+
+def test_check_shows_the_fleet_and_what_git_also_gets(
+    git_repos: Any, redis_server: Any, systemctl_stub: Path, tmp_path: Path
+):
+    secret = "fleet-check-secret-0123456789"
+    agent = "/run/user/1000/agent.sock"
+    result = run_bot(
+        {
+            "DISCORD_TOKEN": "fleet-config-token-0123456789",
+            "OPS_REPO_DIR": str(git_repos.clone),
+            "OPS_SYSTEMCTL": str(systemctl_stub),
+            "REDIS_URL": redis_server.url,
+            "OPS_STATE_DIR": str(tmp_path / "state"),
+            "OPS_CONTROL_SECRET": secret,
+            "OPS_CONTROL_IN_PROCESS": "1",
+            "OPS_IDENTITY": "web-1:bot",
+            "OPS_GIT_ENV_PASSTHROUGH": "SSH_AUTH_SOCK,HTTPS_PROXY",
+            "SSH_AUTH_SOCK": agent,
+        },
+        "--check",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(
+        line.startswith("✅ fleet: !fleet_* commands configured (key prefix sg:control, ")
+        and line.endswith("; in-process daemon joins as web-1:bot")
+        for line in lines
+    ), lines
+    assert (
+        "✅ OPS_GIT_ENV_PASSTHROUGH: git also gets SSH_AUTH_SOCK, HTTPS_PROXY "
+        "(not set in this environment: HTTPS_PROXY)"
+    ) in lines
+    assert agent not in result.stdout  # names only
+    assert secret not in result.stdout + result.stderr
 
 
 def test_check_fails_on_a_bad_configuration_and_masks_secrets(
@@ -148,6 +184,8 @@ async def test_the_bot_mentions_nobody_and_loads_the_cog(
     assert mentions.to_dict() == discord.AllowedMentions.none().to_dict()
     await bot.setup_hook()
     assert "AdminOps" in bot.cogs
+    cog: Any = bot.get_cog("AdminOps")
+    assert cog.settings is bot.settings  # read once, by bot.py
     assert {c.name for c in bot.commands} >= {
         "bot_pull",
         "bot_restart",
