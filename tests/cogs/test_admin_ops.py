@@ -197,6 +197,27 @@ async def test_pull_skips_while_another_service_pulls_the_checkout(
     assert fetches(counter) == 0
 
 
+async def test_pull_hands_the_passed_through_variables_to_git(
+    harness: Harness, git_repos: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent
+):
+    # OPS_GIT_ENV_PASSTHROUGH (an ssh-agent's socket, say) reaches the git the pull runs; other
+    # variables of the bot's environment still do not.
+    seen = tmp_path / "seen-by-upload-pack"
+    wrapper = write_script(
+        tmp_path / "recording-upload-pack",
+        'echo "agent=${SSH_AUTH_SOCK:-unset} other=${OPS_TEST_NOT_PASSED:-unset}"'
+        f' >> "{seen}"\n'
+        'exec git upload-pack "$@"\n',
+    )
+    git(git_repos.clone, "config", "remote.origin.uploadpack", str(wrapper))
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/run/user/1000/agent.sock")
+    monkeypatch.setenv("OPS_TEST_NOT_PASSED", "kept-from-git")
+    await harness.add_cog(harness.settings(OPS_GIT_ENV_PASSTHROUGH="SSH_AUTH_SOCK"))
+    message = await harness.say("!bot_pull")
+    assert only_reply(sent, message).content.startswith("✅ `bot` already up to date")
+    assert seen.read_text() == "agent=/run/user/1000/agent.sock other=unset\n"
+
+
 # --------------------------------------------------------------------------------------------
 # !proxy_restart
 # --------------------------------------------------------------------------------------------
