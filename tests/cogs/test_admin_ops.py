@@ -18,19 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 from discord.context_managers import Typing
 from discord.ext import commands
-from hypothesis import given
-from hypothesis import strategies as st
 
 import core.chat.actions as chat_actions
 import core.chat.restart as chat_restart
-from cogs.admin_ops import (
-    MARKER_MAX_AGE,
-    MESSAGE_LIMIT,
-    AdminOps,
-    format_duration,
-    format_reply,
-    neutralise_fences,
-)
+from cogs.admin_ops import MARKER_MAX_AGE, MESSAGE_LIMIT, AdminOps
+from core import text
 from core.ops_exec import UnitResult, pull_lock_key
 from tests.support.chat import Harness, Sent, SystemctlStub, configured_bot, only_reply, replies_to
 from tests.support.git import git
@@ -64,46 +56,24 @@ def code_block(content: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers
+# The module
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("seconds", "kwargs", "expected"),
-    [
-        (7.2, {}, "7 s"),
-        (0.2, {"round_up": True}, "1 s"),
-        (102, {}, "1m 42s"),
-        (101.1, {"round_up": True}, "1m 42s"),
-        (65, {}, "1m 05s"),
-        (7500, {}, "2h 05m"),
-        (-3, {}, "0 s"),
-    ],
-)
-def test_format_duration(seconds: float, kwargs: dict[str, Any], expected: str) -> None:
-    assert format_duration(seconds, **kwargs) == expected
+def test_the_public_names_stay_importable_from_the_cog_module() -> None:
+    import cogs.admin_ops as module
 
-
-@given(st.text(alphabet="`a\n ", max_size=60))
-def test_no_run_of_three_backticks_survives(text: str) -> None:
-    assert "```" not in neutralise_fences(text)
-
-
-def test_format_reply_fits_or_attaches() -> None:
-    content, attachment = format_reply("✅ done", "line\n```\n@everyone")
-    assert attachment is None
-    assert content.count("```") == 2
-    assert content.startswith("✅ done\n```\n")
-
-    long_details = "x" * 3000
-    content, attachment = format_reply("✅ done", long_details)
-    assert attachment == long_details + "\n"
-    assert content.startswith("✅ done")
-    assert len(content) <= MESSAGE_LIMIT
-
-    content, attachment = format_reply("h" * 5000)
-    assert len(content) == MESSAGE_LIMIT
-    assert attachment is None
+    for name in [*module.__all__, "MARKER_MAX_AGE"]:
+        assert getattr(module, name) is not None, name
+    assert set(module.__all__) >= {
+        "FLEET_EDIT_INTERVAL", "MESSAGE_LIMIT", "NO_MENTIONS", "RESTART_EXIT_STATUS", "AdminOps",
+        "FleetBoard", "LiveMessage", "Outcome", "RestartMarkers", "format_duration",
+        "format_reply", "neutralise_fences", "setup",
+    }  # fmt: skip
+    # One home each: the cog module re-exports them, it does not copy them.
+    assert module.format_reply is text.format_reply
+    assert module.MESSAGE_LIMIT == text.MESSAGE_LIMIT == 2000
+    assert module.RESTART_EXIT_STATUS == 26
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,6 +638,84 @@ async def test_a_stale_marker_is_discarded_with_a_log_line(
     assert replies_to(sent, message)[-1].content.startswith("♻️")
     assert "discarded without a notice" in caplog.text
     assert not cog.markers.path.exists()
+
+
+def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == AUDIT_LOGGER]
+
+
+async def test_a_stale_marker_still_gets_its_audit_record(
+    harness: Harness, sent, caplog: pytest.LogCaptureFixture
+):
+    settings = harness.settings(OPS_AUDIT_CHANNEL_ID=str(harness.other_channel.id))
+    cog = await harness.add_cog(settings)
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        message = await harness.say("!bot_restart")
+        assert audit_records(caplog) == []
+        marker = json.loads(cog.markers.path.read_text())
+        marker["requested_at"] -= MARKER_MAX_AGE + 60
+        marker["audit"]["started_at"] -= MARKER_MAX_AGE + 60
+        cog.markers.path.write_text(json.dumps(marker))
+        count = len(sent)
+        await _reload_and_get_ready(harness, settings=settings)
+    [record] = audit_records(caplog)
+    assert (record["command"], record["outcome"]) == ("bot_restart", "ok")
+    assert re.fullmatch(r"restart requested; back online after 11m 0\ds", record["detail"])
+    assert record["duration_s"] >= MARKER_MAX_AGE + 60
+    # The audit channel gets the record; the request gets no notice.
+    [posted] = sent[count:]
+    assert posted.reference is None
+    assert posted.content.startswith("`!bot_restart` by alice")
+    assert replies_to(sent, message)[-1].content.startswith("♻️")
+
+
+async def test_a_timed_out_self_restart_is_recorded_now_and_still_announced(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
+):
+    async def timed_out(unit: str, *, delay: float = 1.0, **_: object) -> UnitResult:
+        summary = f"systemctl restart {unit} timed out after 10s; the job may still complete"
+        return UnitResult(False, summary, timed_out=True)
+
+    monkeypatch.setattr(chat_restart, "request_restart", timed_out)
+    cog = await harness.add_cog()
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        message = await harness.say("!bot_restart")
+        _, failure = replies_to(sent, message)
+        assert failure.content.startswith("❌ Could not restart `bot.service`")
+        # systemd may still run the job: the marker stays to announce it, the cooldown holds.
+        assert cog.markers.path.exists()
+        again = await harness.say("!bot_restart")
+        assert "cooling down" in only_reply(sent, again).content
+        count = len(sent)
+        await _reload_and_get_ready(harness)
+    # Recorded once, by the process that asked: the one that comes back only announces it.
+    assert [(r["command"], r["outcome"]) for r in audit_records(caplog)] == [
+        ("bot_restart", "failed"),
+        ("bot_restart", "refused:cooldown"),
+    ]
+    [notice] = sent[count:]
+    assert notice.content.startswith("✅ Back online after ")
+    assert notice.reference == message.id
+
+
+async def test_exit_mode_records_the_restart_once_before_it_closes(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
+):
+    settings = harness.settings(OPS_RESTART_MODE="exit", OPS_BOT_SERVICE="")
+    records_at_close: list[int] = []
+
+    async def close() -> None:
+        records_at_close.append(len(audit_records(caplog)))
+
+    monkeypatch.setattr(harness.bot, "close", close)
+    await harness.add_cog(settings)
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        await harness.say("!bot_restart")
+        await _reload_and_get_ready(harness, settings=settings)
+    [record] = audit_records(caplog)
+    assert (record["outcome"], record["detail"]) == ("ok", "exit 26")
+    assert records_at_close == [1]
+    assert harness.exits == [26]
 
 
 async def test_a_redis_outage_falls_back_to_the_state_dir(
