@@ -24,12 +24,19 @@ import core.chat.restart as chat_restart
 from cogs.admin_ops import MARKER_MAX_AGE, MESSAGE_LIMIT, AdminOps
 from core import text
 from core.ops_exec import UnitResult, pull_lock_key
-from tests.support.chat import Harness, Sent, SystemctlStub, configured_bot, only_reply, replies_to
+from tests.support.chat import (
+    AUDIT_LOGGER,
+    Harness,
+    Sent,
+    SystemctlStub,
+    audit_records,
+    configured_bot,
+    only_reply,
+    replies_to,
+)
 from tests.support.git import git
 from tests.support.processes import write_script
 from tests.support.redis_proc import free_port
-
-AUDIT_LOGGER = "cogs.admin_ops.audit"
 
 
 def count_fetches(clone: Path, tmp_path: Path) -> Path:
@@ -638,10 +645,6 @@ async def test_a_stale_marker_is_discarded_with_a_log_line(
     assert replies_to(sent, message)[-1].content.startswith("♻️")
     assert "discarded without a notice" in caplog.text
     assert not cog.markers.path.exists()
-
-
-def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == AUDIT_LOGGER]
 
 
 async def test_a_stale_marker_still_gets_its_audit_record(

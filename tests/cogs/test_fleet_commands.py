@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import re
 import socket
@@ -39,13 +38,20 @@ from core.control_ops import (
     hosts_index_key,
     results_key,
 )
-from tests.support.chat import Harness, Sent, SystemctlStub, only_reply, replies_to
+from tests.support.chat import (
+    AUDIT_LOGGER,
+    Harness,
+    Sent,
+    SystemctlStub,
+    audit_records,
+    only_reply,
+    replies_to,
+)
 from tests.support.git import GitRepos, git
 from tests.support.redis_proc import RedisServer, free_port
 
 SECRET = "fleet-chat-secret-5e1d"
 DEADLINE = 10.0  # a bound on anything a test waits for; tests finish far sooner
-AUDIT_LOGGER = "cogs.admin_ops.audit"
 FINAL_OK = re.compile(r"\n✅ (\d+)/(\d+) hosts ok in \d+\.\d s$")
 
 
@@ -166,8 +172,7 @@ def final_text(sent: list[Sent], edits: list[Edit], message: discord.Message) ->
 
 
 def audit_outcomes(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
-    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == AUDIT_LOGGER]
-    return [(r["command"], r["outcome"]) for r in records]
+    return [(r["command"], r["outcome"]) for r in audit_records(caplog)]
 
 
 async def published_commands(client: aioredis.Redis, prefix: str) -> list[dict[str, str]]:

@@ -27,6 +27,14 @@ from discord.ext import commands
 from cogs.admin_ops import AdminOps
 from core.settings import Settings
 
+#: The logger of the audit lines, spelt out rather than imported: operators route it by this name.
+AUDIT_LOGGER = "cogs.admin_ops.audit"
+
+
+def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """Every audit record logged during the test, parsed."""
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == AUDIT_LOGGER]
+
 
 @dataclass
 class Sent:
