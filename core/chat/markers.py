@@ -145,12 +145,13 @@ class RestartMarkers:
 
     async def discard(self) -> None:
         """Delete the marker (the restart it announces did not happen)."""
+        # The file first: in a task being cancelled, a bounded Redis call raises once it is done.
+        self._unlink()
         if self.redis is not None:
             try:
                 await bounded(self.redis.delete(self.key))
             except redis_errors() as exc:
                 log.warning("restart marker: cannot delete it from Redis: %s", exc)
-        self._unlink()
 
     def _unlink(self) -> None:
         try:

@@ -72,9 +72,15 @@ class SelfRestart:
         await self._announce(inv, inline_code(unit))
         marker = await self._marker(inv, unit, inv.draft)
         await self.markers.save(marker.to_json())
-        result = await request_restart(
-            unit, delay=self.settings.restart_delay, secrets=self.replies.secrets
-        )
+        try:
+            result = await request_restart(
+                unit, delay=self.settings.restart_delay, secrets=self.replies.secrets
+            )
+        except BaseException:
+            # Cancelled (the cog unloads during the delay) or a bug: the pipeline records this
+            # invocation, so the marker must not carry it to the next process as well.
+            await self.markers.discard()
+            raise
         if result.ok:
             # systemd stops this process once it runs the job: the next one writes the record.
             return Outcome("ok", detail=result.summary, recorded_by_next_process=True)

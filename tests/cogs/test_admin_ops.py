@@ -701,6 +701,26 @@ async def test_a_timed_out_self_restart_is_recorded_now_and_still_announced(
     assert notice.reference == message.id
 
 
+async def test_a_crashing_restart_request_is_recorded_once_and_leaves_no_marker(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
+):
+    async def crash(unit: str, *, delay: float = 1.0, **_: object) -> UnitResult:
+        raise OSError("the bus is gone")
+
+    monkeypatch.setattr(chat_restart, "request_restart", crash)
+    cog = await harness.add_cog()
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        message = await harness.say("!bot_restart")
+        assert replies_to(sent, message)[-1].content == (
+            "❌ `!bot_restart` failed unexpectedly; the details are in the bot's log."
+        )
+        assert not cog.markers.path.exists()
+        count = len(sent)
+        await _reload_and_get_ready(harness)
+    assert [r["outcome"] for r in audit_records(caplog)] == ["error"]
+    assert sent[count:] == []
+
+
 async def test_exit_mode_records_the_restart_once_before_it_closes(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
 ):
