@@ -2,16 +2,20 @@
 
 For each N (default 10, 100, 500; pass others as arguments) the same process runs:
 
-* N ``ControlDaemon`` tasks, one Redis client each, answering the no-op ``ping`` op; a round is
-  ``publish(ping)`` until all N results are in (signing, the alive-host read, verification,
-  the per-host at-most-once marker, the result write and acknowledgement all included);
+* N ``ControlDaemon`` tasks, one Redis client each (``core.redis_client.make_redis``, as
+  deployed), answering the no-op ``ping`` op; a round is ``publish(ping)`` until all N results
+  are in (signing, the alive-host read, verification, the per-host at-most-once marker, the
+  result write and acknowledgement all included). The daemon uses redis-py's ordinary client
+  calls only;
 * two floors with no daemon logic: N bare consumers, one client each, doing XREADGROUP on
   their own group and an XADD "ack" per command, and a publisher doing XADD then XREAD until
   N acks. The "bare" floor sends one-field entries both ways (the minimal transport); the
   "wire" floor sends the very entries the fleet exchanges (the seven signed command fields out,
   the five result fields back), so daemon/wire isolates the cost of the daemon's logic.
 
-Rounds alternate between the three so drift (CPU frequency, other load) hits all alike. Every
+Rounds alternate between the three so drift (CPU frequency, other load) hits all alike, and the
+ratios are printed side by side for each N. **Target:** the daemon's p50 at most 1.5 × the wire
+floor's at every N (a ``TARGET`` line per N; a miss is printed, not an exit status). Every
 round checks that each host answered exactly once and that every daemon's at-most-once marker
 ended "done"; "lost"/"dup" count violations (and make the exit status 1). With 20 rounds, p99
 is the slowest round. Redis is a throw-away ``redis-server`` on a free loopback port, or
@@ -51,10 +55,13 @@ from core.control_ops import (
     ran_marker_key,
     results_key,
 )
+from core.redis_client import make_redis
 from tests.support.redis_proc import free_port, start_redis_server, stop_redis_server
 
 SECRET = uuid.uuid4().hex  # any shared secret will do; a fresh one per run
 ROUND_TIMEOUT = 30.0
+#: The daemon's p50 over the wire floor's p50, at most.
+TARGET_RATIO = 1.5
 
 
 @contextlib.contextmanager
@@ -90,6 +97,7 @@ class Tally:
     duplicated: int = 0
 
     def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0..1) of the latencies, nearest rank."""
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -99,7 +107,7 @@ class Tally:
 
 @contextlib.asynccontextmanager
 async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis]:
-    clients = [_client(url) for _ in range(n)]
+    clients = [make_redis(url) for _ in range(n)]
     fleet = [
         ControlDaemon(
             client,
@@ -112,7 +120,7 @@ async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis
         for i, client in enumerate(clients)
     ]
     tasks = [asyncio.create_task(daemon.run()) for daemon in fleet]
-    publisher = _client(url)
+    publisher = make_redis(url)
     try:
         await asyncio.wait_for(asyncio.gather(*(d.serving.wait() for d in fleet)), 60)
         if len(await alive_hosts(publisher, prefix=prefix)) != n:
@@ -281,6 +289,7 @@ async def main_async(sizes: list[int], rounds: int, warmup: int) -> int:
             f"{'vs bare':>13} | {'vs wire':>13} | lost dup"
         )
         failures = 0
+        verdicts: list[str] = []
         for n in sizes:
             tallies = await measure(url, n, rounds, warmup)
             bare, wire, fleet = tallies[BARE], tallies[WIRE], tallies["daemon"]
@@ -293,6 +302,13 @@ async def main_async(sizes: list[int], rounds: int, warmup: int) -> int:
                 f"{_ratio(fleet, bare):>13} | {_ratio(fleet, wire):>13} | {lost:>4} {dup:>3}",
                 flush=True,
             )
+            ratio = fleet.quantile(0.5) / wire.quantile(0.5)
+            verdicts.append(
+                f"TARGET daemon within {TARGET_RATIO:g}x of the wire floor at N={n}: "
+                f"{'PASS' if ratio <= TARGET_RATIO else 'FAIL'} (p50 {ratio:.2f}x)"
+            )
+        print("\n".join(verdicts))
+        print(f"CHECK every host answered exactly once: {'FAIL' if failures else 'PASS'}")
         return 1 if failures else 0
 
 

@@ -1,0 +1,559 @@
+"""The per-host control daemon: serve signed fleet commands from Redis, at most once each.
+
+One consumer group per identity on the command stream, so every daemon sees every command; a
+ran marker per command id and identity, taken before anything with side effects runs; each
+answer written and the command acknowledged in one script. ``docs/fleet-protocol.md`` is the
+contract; :mod:`core.control_ops.host_ops` is what the ops do on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+
+from redis.exceptions import ResponseError
+
+from core.control_ops.host_ops import (
+    DEFAULT_PULL_TIMEOUT,
+    HostOps,
+    Outcome,
+    Refused,
+    project_version,
+)
+from core.control_ops.presence import Presence, describe
+from core.control_ops.wire import (
+    ALREADY_HANDLED,
+    DEFAULT_PREFIX,
+    HEARTBEAT_TTL,
+    INTERRUPTED,
+    MARKER_GRACE_SECONDS,
+    MAX_COMMAND_TTL,
+    READ_ONLY_OPS,
+    RESULT_TTL_SECONDS,
+    SUMMARY_LIMIT,
+    CommandRejected,
+    HostResult,
+    SignedCommand,
+    read_block_seconds,
+    result_fields,
+    stream_entries,
+    verify_signature,
+)
+from core.names import COMMAND_ID, IDENTITY, Keys
+from core.ops_exec import as_text, bounded, raise_if_cancelling, redact, redis_errors
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from core.settings import DaemonSettings
+
+__all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "Claim", "ControlDaemon", "backoff_delay"]
+
+# A fixed name: under `python -m core.control_ops` __name__ would be "__main__".
+log = logging.getLogger("admin_ops.control_ops")
+
+T = TypeVar("T")
+
+#: The first reconnect delay after a Redis outage, in seconds (it doubles up to the cap).
+BACKOFF_BASE: Final = 0.1
+#: The longest a daemon waits between two reconnect attempts.
+BACKOFF_CAP: Final = 30.0
+# Commands handed over per XREADGROUP: a burst is read in one round trip.
+_READ_COUNT: Final = 16
+# Pending entries re-read per XREADGROUP after a reconnect.
+_PENDING_COUNT: Final = 100
+
+# Write one host's result, then acknowledge the command: one script, so a command is never
+# acknowledged without its result, and a failure to write leaves it pending.
+# KEYS: results stream, ran marker, command stream.
+# ARGV: identity (the group, and the result's host), entry id, marker mode, marker ttl (ms),
+# then the result's ok, ran, summary and duration (field names are spelt here: fewer
+# arguments to encode on every answer).
+# Marker modes: "claim" takes the marker now (SET NX) and writes nothing if it was taken, for
+# ops whose answer is computed without side effects; "done" finishes a marker taken before the
+# op ran; "none" leaves it alone (a forged command must not be able to burn a real id).
+# Returns {1} when written, or {0, marker value} when the claim lost.
+_FINISH_LUA: Final = f"""
+local mode = ARGV[3]
+if mode == 'claim' then
+  if not redis.call('SET', KEYS[2], 'done', 'NX', 'PX', ARGV[4]) then
+    return {{0, redis.call('GET', KEYS[2]) or ''}}
+  end
+elseif mode == 'done' then
+  redis.call('SET', KEYS[2], 'done', 'XX', 'KEEPTTL')
+end
+redis.call('XADD', KEYS[1], '*', 'host', ARGV[1], 'ok', ARGV[5], 'ran', ARGV[6],
+  'summary', ARGV[7], 'duration', ARGV[8])
+redis.call('EXPIRE', KEYS[1], {RESULT_TTL_SECONDS})
+redis.pcall('XACK', KEYS[3], ARGV[1], ARGV[2])
+return {{1}}
+"""
+_DONE: Final = "done"
+_STARTED: Final = "started:"
+
+
+class Claim(enum.Enum):
+    """Where a command id stands on this host, read from its ran marker."""
+
+    #: This run holds the marker: the op may run.
+    NEW = "new"
+    #: An earlier run took the marker and never finished: the op was interrupted.
+    STARTED = "started"
+    #: The command was answered here before.
+    DONE = "done"
+
+    @classmethod
+    def of_marker(cls, value: str) -> Claim:
+        """The claim a marker someone else holds stands for."""
+        return cls.DONE if value == _DONE else cls.STARTED
+
+
+class _Marker(enum.Enum):
+    """What the finish script does with the ran marker (see _FINISH_LUA)."""
+
+    CLAIM = "claim"
+    DONE = "done"
+    NONE = "none"
+
+
+class _Finish(NamedTuple):
+    """A result to write (kept in memory across a Redis outage until it is written)."""
+
+    entry_id: str
+    command_id: str
+    result: HostResult
+    marker: _Marker
+    marker_ttl_ms: int
+    after: Callable[[], Awaitable[None]] | None = None
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float = BACKOFF_BASE,
+    cap: float = BACKOFF_CAP,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Exponential backoff with equal jitter: between half and all of ``base * 2**attempt``.
+
+    The jitter spreads a fleet's reconnects after a Redis restart; half the step is kept so a
+    retry never comes immediately; ``cap`` bounds how long a daemon stays away.
+    """
+    step = min(cap, base * 2.0 ** min(attempt, 32))
+    return step / 2 + rng() * step / 2
+
+
+async def _stop(task: asyncio.Task[Any], *, again: Callable[[], bool]) -> None:
+    """Cancel ``task`` and wait until it has finished.
+
+    If the cancellation was swallowed (see ``core.ops_exec.raise_if_cancelling``) while the task
+    goes on to block, it is repeated, but only while ``again()`` says the task is merely
+    waiting: a task that is cleaning up after a cancellation (run_exec killing a process group)
+    is left to finish its cleanup undisturbed.
+    """
+    task.cancel()
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.05)
+        if not task.done() and again():
+            task.cancel()
+
+
+def _marker_ttl_ms(command: SignedCommand) -> int:
+    """How long the at-most-once marker lives: the command's remaining validity plus a day."""
+    remaining = min(max(0.0, command.expires_at - time.time()), MAX_COMMAND_TTL)
+    return int((remaining + MARKER_GRACE_SECONDS) * 1000)
+
+
+class ControlDaemon:
+    """Serve fleet commands for one identity until cancelled.
+
+    ``pull_targets`` maps target names to checkout paths, ``restart_units`` lists the units this
+    host may restart, and ``own_units`` those among them that are restarted deferred (this
+    daemon's own unit or its co-located bot's): it grants nothing by itself. Pulls stop after
+    ``pull_timeout`` seconds and hand git the variables named in ``env_passthrough``; ``secrets``
+    are redacted from every answer. Cancelling :meth:`run` is a clean stop: the heartbeat is
+    deleted and nothing unfinished is acknowledged. ``serving`` is an :class:`asyncio.Event` set
+    while connected to Redis and answering (a bot hosting a daemon can say it joined the fleet).
+
+    Every Redis call is bounded by ``call_timeout``; blocking reads wait at most half the
+    client's socket timeout (redis-py does not lengthen it for XREADGROUP BLOCK).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        identity: str,
+        secret: str,
+        pull_targets: Mapping[str, str | os.PathLike[str]],
+        restart_units: Iterable[str],
+        own_units: Iterable[str] = (),
+        prefix: str = DEFAULT_PREFIX,
+        heartbeat_ttl: float = HEARTBEAT_TTL,
+        deferred_restart_delay: float = 1.0,
+        call_timeout: float = 5.0,
+        pull_timeout: float = DEFAULT_PULL_TIMEOUT,
+        env_passthrough: Iterable[str] = (),
+        secrets: Iterable[str] = (),
+    ) -> None:
+        """Validate the identity and the allow-list; nothing talks to Redis until :meth:`run`."""
+        if not secret:
+            raise ValueError("a shared secret is required (OPS_CONTROL_SECRET)")
+        if not IDENTITY.fullmatch(identity):
+            raise ValueError(f"invalid daemon identity {identity!r}")
+        self._redis = redis
+        self.identity = identity
+        self._secret = secret
+        self._secrets = (secret, *secrets)
+        self._keys = Keys(prefix)
+        self.ops = HostOps(
+            identity=identity,
+            redis=redis,
+            pull_targets=pull_targets,
+            restart_units=restart_units,
+            own_units=own_units,
+            pull_timeout=pull_timeout,
+            env_passthrough=env_passthrough,
+            restart_delay=deferred_restart_delay,
+            secrets=self._secrets,
+        )
+        self._call_timeout = call_timeout
+        self.presence = Presence(
+            redis,
+            self._keys,
+            identity,
+            ttl=heartbeat_ttl,
+            call_timeout=call_timeout,
+            description=self._describe,
+        )
+        self._block_seconds = read_block_seconds(redis)
+        self._stream = self._keys.commands
+        # One group per identity, so every daemon sees every command; one consumer in it.
+        self._group = identity
+        # A per-run token in the "started" marker: if our own SET NX reached Redis but its reply
+        # was lost, reading the marker back tells us it is ours and not a previous run's.
+        self._token = f"{_STARTED}{uuid.uuid4().hex}"
+        self._finish_script = redis.register_script(_FINISH_LUA)
+        self._unwritten: list[_Finish] = []
+        self._redis_up: bool | None = None
+        self._waiting_for_work = False
+        self.serving = asyncio.Event()
+
+    @classmethod
+    def from_settings(cls, redis: aioredis.Redis, settings: DaemonSettings) -> ControlDaemon:
+        """A daemon configured by ``DaemonSettings`` (the CLI's, or the bot's in-process one)."""
+        return cls(
+            redis,
+            identity=settings.identity,
+            secret=settings.secret,
+            pull_targets=settings.pull_targets,
+            restart_units=settings.restart_units,
+            own_units=settings.own_units,
+            prefix=settings.prefix,
+            deferred_restart_delay=settings.restart_delay,
+            pull_timeout=settings.pull_timeout,
+            env_passthrough=settings.env_passthrough,
+            secrets=settings.secrets,
+        )
+
+    @property
+    def pull_targets(self) -> dict[str, str]:
+        """Target name → absolute checkout path: what this host may pull."""
+        return self.ops.pull_targets
+
+    @property
+    def restart_units(self) -> frozenset[str]:
+        """The units this host may restart (normalised names)."""
+        return self.ops.restart_units
+
+    @property
+    def own_units(self) -> frozenset[str]:
+        """The allowed units that are restarted deferred, after the answer."""
+        return self.ops.own_units
+
+    def _describe(self) -> str:
+        return describe(
+            self.identity,
+            version=project_version(),
+            started_at=self.ops.started_at,
+            pull_targets=self.pull_targets,
+            restart_units=self.restart_units,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve commands until cancelled; Redis outages are retried, never fatal."""
+        heartbeat = asyncio.create_task(
+            self.presence.keep_beating(self.serving), name=f"heartbeat {self.identity}"
+        )
+        serve = asyncio.create_task(self._serve_forever(), name=f"serve {self.identity}")
+        try:
+            # wait() rather than awaiting the task: a cancellation of run() must reach this
+            # frame even if the serving task swallows its own (see _stop).
+            await asyncio.wait({serve})
+            serve.result()
+        finally:
+            self.serving.clear()
+            await _stop(serve, again=lambda: self._waiting_for_work)
+            await _stop(heartbeat, again=lambda: True)
+            await self.presence.leave()
+            log.info("control daemon %s stopped", self.identity)
+
+    async def _serve_forever(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+                self._note_redis(up=True)
+                attempt = 0
+                # Set before the pending entries: a pending pull may take a minute, and the
+                # heartbeat (which only refreshes while serving) must not lapse meanwhile.
+                self.serving.set()
+                await self._handle_own_pending()
+                await self._consume_new()
+            except redis_errors() as exc:
+                raise_if_cancelling()
+                self._note_redis(up=False, reason=exc)
+            # The supervisor of this host's daemon: a bug must not turn into a crash loop under
+            # systemd (or end a bot's in-process daemon); it is logged and serving resumes.
+            except Exception:
+                raise_if_cancelling()
+                log.exception("control daemon %s: unexpected error; retrying", self.identity)
+            self.serving.clear()
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+
+    def _note_redis(self, *, up: bool, reason: BaseException | None = None) -> None:
+        """Log a Redis state change once, not once per retry."""
+        if self._redis_up == up:
+            return
+        if up:
+            log.info(
+                "control daemon %s serving %s (group %s)", self.identity, self._stream, self._group
+            )
+        else:
+            log.warning(
+                "control daemon %s: Redis unavailable (%s); retrying with backoff up to %.0fs",
+                self.identity,
+                redact(str(reason) or type(reason).__name__, self._secrets),
+                BACKOFF_CAP,
+            )
+        self._redis_up = up
+
+    async def _connect(self) -> None:
+        """Set up (again) after a start or an outage, in the order the guarantees need.
+
+        The group must exist before the heartbeat says this host will answer; results kept
+        through an outage are written before anything else is answered.
+        """
+        await self.presence.ensure_group()
+        await self._flush_unwritten()
+        await self.presence.beat()
+
+    async def _handle_own_pending(self) -> None:
+        """Answer what this identity was handed but never acknowledged (e.g. before a crash)."""
+        last_id = "0"
+        while True:
+            response = await self._call(
+                self._redis.xreadgroup(
+                    self._group, self.identity, {self._stream: last_id}, count=_PENDING_COUNT
+                )
+            )
+            entries = stream_entries(response)
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                await self._handle_entry_or_drop(entry_id, fields)
+                last_id = entry_id
+
+    async def _consume_new(self) -> None:
+        block_ms = int(self._block_seconds * 1000)
+        read_timeout = self._block_seconds + self._call_timeout
+        while True:
+            self._waiting_for_work = True
+            try:
+                response = await self._call(
+                    self._redis.xreadgroup(
+                        self._group,
+                        self.identity,
+                        {self._stream: ">"},
+                        count=_READ_COUNT,
+                        block=block_ms,
+                    ),
+                    timeout=read_timeout,
+                )
+            finally:
+                self._waiting_for_work = False
+            for entry_id, fields in stream_entries(response):
+                await self._handle_entry_or_drop(entry_id, fields)
+
+    async def _call(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
+        return await bounded(awaitable, timeout or self._call_timeout)
+
+    # -- one command ----------------------------------------------------------------------------
+
+    async def _handle_entry_or_drop(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Handle one entry; one that Redis itself refuses to process is dropped, not retried.
+
+        A ResponseError is the server's deterministic "no" (a wrong type at a key, an argument
+        out of range): retrying it would stall every later command behind it forever.
+        """
+        try:
+            await self._handle_entry(entry_id, fields)
+        except ResponseError as exc:
+            log.error("dropping stream entry %s: Redis refused to process it (%s)", entry_id, exc)
+            self._unwritten = [f for f in self._unwritten if f.entry_id != entry_id]
+            await self._call(self._redis.xack(self._stream, self._group, entry_id))
+
+    async def _handle_entry(self, entry_id: str, fields: dict[str, str]) -> None:
+        started = time.monotonic()
+        command_id = fields.get("id", "")
+        if not COMMAND_ID.fullmatch(command_id):
+            # Nowhere to answer: a trimmed entry, or junk someone wrote to the stream.
+            log.warning("dropping stream entry %s: no valid command id", entry_id)
+            await self._call(self._redis.xack(self._stream, self._group, entry_id))
+            return
+        try:
+            command = verify_signature(fields, self._secret)
+        except CommandRejected as exc:
+            self._log_rejection(command_id, fields, str(exc))
+            result = self._result(Outcome(False, False, str(exc)), started)
+            await self._finish(_Finish(entry_id, command_id, result, _Marker.NONE, 0))
+            return
+        ttl_ms = _marker_ttl_ms(command)
+        outcome = self._precheck(command)
+        if outcome is None and command.op in READ_ONLY_OPS:
+            # No side effects: compute the answer first, then claim the id and answer in one
+            # script. A redelivered read-only op may be computed again but answers once.
+            outcome = await self._execute(command)
+        if outcome is not None:
+            result = self._result(outcome, started)
+            await self._finish(_Finish(entry_id, command_id, result, _Marker.CLAIM, ttl_ms))
+            return
+        # Side effects: the marker is taken before anything runs, so an interruption (a crash,
+        # SIGKILL, a Redis outage) can never lead to a second run of this id on this host.
+        claim = await self._claim(command, ttl_ms)
+        if claim is not Claim.NEW:
+            await self._answer_again(entry_id, command_id, claim, started)
+            return
+        outcome = await self._execute(command)
+        result = self._result(outcome, started)
+        finish = _Finish(entry_id, command_id, result, _Marker.DONE, ttl_ms, outcome.after)
+        await self._finish(finish)
+
+    def _precheck(self, command: SignedCommand) -> Outcome | None:
+        """The answer for a command that must not run at all, else None."""
+        if time.time() > command.expires_at:
+            fields = {"op": command.op, "args": json.dumps(list(command.args))}
+            self._log_rejection(
+                command.id, {**fields, "requested_by": command.requested_by}, "rejected: expired"
+            )
+            return Outcome(False, False, "rejected: expired")
+        if not self.ops.knows(command.op):
+            log.warning("command %s: unknown op %r", command.id, command.op[:40])
+            return Outcome(False, False, f"refused: unknown op {command.op[:40]!r}")
+        return None
+
+    def _log_rejection(self, command_id: str, fields: Mapping[str, str], summary: str) -> None:
+        log.warning(
+            "%s: command %s op=%r args=%r requested_by=%r",
+            summary,
+            command_id,
+            fields.get("op", "")[:64],
+            fields.get("args", "")[:200],
+            fields.get("requested_by", "")[:200],
+        )
+
+    async def _claim(self, command: SignedCommand, ttl_ms: int) -> Claim:
+        """Take the ran marker before running the command (see :class:`Claim`)."""
+        key = self._keys.ran_marker(self.identity, command.id)
+        if await self._call(self._redis.set(key, self._token, nx=True, px=ttl_ms)):
+            return Claim.NEW
+        value = as_text(await self._call(self._redis.get(key)))
+        if value == self._token:
+            return Claim.NEW  # our own SET reached Redis but its reply was lost before a reconnect
+        return Claim.of_marker(value)
+
+    async def _answer_again(
+        self, entry_id: str, command_id: str, claim: Claim, started: float
+    ) -> None:
+        """Answer a command id this host already started or answered, without running it."""
+        interrupted = claim is Claim.STARTED
+        summary = INTERRUPTED if interrupted else ALREADY_HANDLED
+        log.warning("command %s delivered again: %s", command_id, summary)
+        result = self._result(Outcome(False, interrupted, summary), started)
+        await self._finish(_Finish(entry_id, command_id, result, _Marker.DONE, 0))
+
+    async def _execute(self, command: SignedCommand) -> Outcome:
+        log.info(
+            "running command %s: %s %s (requested by %s)",
+            command.id,
+            command.op,
+            " ".join(command.args),
+            command.requested_by,
+        )
+        try:
+            return await self.ops.run(command.op, command.args)
+        except Refused as exc:
+            log.warning("command %s %s refused: %s", command.id, command.op, exc)
+            return Outcome(False, False, str(exc))
+        # An op that fails in an unforeseen way must still be answered and acknowledged: left
+        # pending, it would be read again after the reconnect and, holding our own marker
+        # token, run again.
+        except Exception as exc:
+            log.exception("command %s %s failed", command.id, command.op)
+            return Outcome(False, True, f"failed: internal error ({type(exc).__name__}: {exc})")
+
+    def _result(self, outcome: Outcome, started: float) -> HostResult:
+        text = redact(outcome.summary, self._secrets)
+        if len(text) > SUMMARY_LIMIT:
+            text = text[:SUMMARY_LIMIT] + " […]"
+        return HostResult(self.identity, outcome.ok, outcome.ran, text, time.monotonic() - started)
+
+    async def _finish(self, finish: _Finish) -> None:
+        """Write the result and acknowledge, then run what must come after the answer."""
+        try:
+            lost_to = await self._write_and_ack(finish)
+        except ResponseError:
+            raise  # deterministic: keeping it would fail the same way on every reconnect
+        except BaseException:
+            # Kept for the next connection, so a completed op's answer survives a Redis outage
+            # (a daemon that dies meanwhile answers "interrupted" after it restarts instead).
+            self._unwritten.append(finish)
+            raise
+        if lost_to is not None:
+            # The claim lost: this id was started or answered here before (a replayed entry,
+            # or our own earlier attempt whose reply was lost).
+            await self._answer_again(finish.entry_id, finish.command_id, lost_to, time.monotonic())
+        elif finish.after is not None:
+            await finish.after()
+
+    async def _write_and_ack(self, finish: _Finish) -> Claim | None:
+        """Run the finish script; None when written, else who holds the marker."""
+        keys = [
+            self._keys.results(finish.command_id),
+            self._keys.ran_marker(self.identity, finish.command_id),
+            self._stream,
+        ]
+        # The group is named after the identity, which is also the result's host.
+        fields = result_fields(finish.result)
+        args = [self._group, finish.entry_id, finish.marker.value, str(finish.marker_ttl_ms)]
+        args += [fields[name] for name in ("ok", "ran", "summary", "duration")]
+        reply = await self._call(self._finish_script(keys=keys, args=args))
+        if int(reply[0]) == 1:
+            return None
+        return Claim.of_marker(as_text(reply[1]))
+
+    async def _flush_unwritten(self) -> None:
+        while self._unwritten:
+            finish = self._unwritten.pop(0)
+            await self._finish(finish)

@@ -1,0 +1,106 @@
+"""How a fleet command stands, for anyone who shows it: one rule for the terminal and the chat.
+
+Pure: what each host's status is, how many hosts are ok, skipped, failed or silent, and which
+ones, in natural order (web-2 before web-10). The command line's table and the chat's board
+(``core.chat.fleet_board``) only choose words and icons for what this computes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from core.control_ops.wire import FleetResult, HostResult
+from core.text import natural_key
+
+__all__ = ["FleetTally", "HostStatus", "host_status", "in_order", "ok_sentence"]
+
+
+class HostStatus(enum.Enum):
+    """What one host's row says."""
+
+    #: It ran the op and it went well.
+    OK = "ok"
+    #: It answered ok without running (another service on the host was already pulling).
+    SKIPPED = "skipped"
+    #: It refused, or the op failed.
+    FAILED = "failed"
+    #: Expected, no answer yet.
+    WAITING = "waiting"
+    #: Expected, and no answer came before the publisher stopped waiting.
+    SILENT = "silent"
+
+
+def host_status(result: HostResult | None, *, finished: bool) -> HostStatus:
+    """A host's status from its answer (None: none yet); ``finished``: nobody waits any more."""
+    if result is None:
+        return HostStatus.SILENT if finished else HostStatus.WAITING
+    if not result.ok:
+        return HostStatus.FAILED
+    return HostStatus.OK if result.ran else HostStatus.SKIPPED
+
+
+def in_order(hosts: Iterable[str]) -> list[str]:
+    """Host names in natural order: web-2 before web-10."""
+    return sorted(hosts, key=natural_key)
+
+
+@dataclass(frozen=True)
+class FleetTally:
+    """The counts and the lists every presentation of one command shows."""
+
+    #: Every host expected or answering, in natural order.
+    hosts: tuple[str, ...]
+    #: Hosts that ran the op and succeeded.
+    ran_ok: int
+    #: Hosts that answered ok without running.
+    skipped: int
+    #: Hosts that refused or failed, in natural order.
+    failed: tuple[str, ...]
+    #: Expected hosts without an answer (waiting, or silent once finished), in natural order.
+    unanswered: tuple[str, ...]
+
+    @classmethod
+    def of(
+        cls,
+        expected: Iterable[str],
+        results: Mapping[str, HostResult],
+        silent: Iterable[str] | None = None,
+    ) -> FleetTally:
+        """The tally of ``results`` against ``expected``; ``silent`` overrides the unanswered."""
+        wanted = frozenset(expected)
+        unanswered = wanted - results.keys() if silent is None else frozenset(silent)
+        return cls(
+            hosts=tuple(in_order(wanted | results.keys())),
+            ran_ok=sum(1 for r in results.values() if r.ok and r.ran),
+            skipped=sum(1 for r in results.values() if r.ok and not r.ran),
+            failed=tuple(in_order(h for h, r in results.items() if not r.ok)),
+            unanswered=tuple(in_order(unanswered)),
+        )
+
+    @classmethod
+    def of_fleet(cls, fleet: FleetResult) -> FleetTally:
+        """The final tally of a command ``publish`` returned."""
+        return cls.of(fleet.expected, fleet.results, fleet.silent)
+
+    @property
+    def ok(self) -> int:
+        """Hosts that answered ok (ran or skipped)."""
+        return self.ran_ok + self.skipped
+
+    def counts(self, *, finished: bool) -> list[tuple[HostStatus, int]]:
+        """How many hosts have each status, in the order they are shown; zeros left out."""
+        pending = HostStatus.SILENT if finished else HostStatus.WAITING
+        counts = [
+            (HostStatus.OK, self.ran_ok),
+            (HostStatus.SKIPPED, self.skipped),
+            (HostStatus.FAILED, len(self.failed)),
+            (pending, len(self.unanswered)),
+        ]
+        return [(status, count) for status, count in counts if count]
+
+
+def ok_sentence(tally: FleetTally, elapsed: float) -> str:
+    """``9/12 hosts ok in 30.0 s``: the one line every presentation ends with."""
+    return f"{tally.ok}/{len(tally.hosts)} hosts ok in {elapsed:.1f} s"

@@ -1,0 +1,1 @@
+"""Tests of the fleet package, module by module: wire, publisher, daemon, report and CLI."""
