@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import discord
 
+from core.chat.replies import SEND_ERRORS
 from core.control_ops import FleetResult, HostResult, Published
-from core.text import MESSAGE_LIMIT, cut, natural_key, neutralise_fences, one_line
+from core.control_ops.report import FleetTally, HostStatus, host_status, ok_sentence
+from core.text import MESSAGE_LIMIT, cut, neutralise_fences, one_line
 
 __all__ = ["FLEET_EDIT_INTERVAL", "FleetBoard", "LiveMessage"]
 
@@ -30,13 +32,14 @@ FLEET_SUMMARY_WIDTH = 110
 FLEET_FOOTER_HOSTS = 10
 
 
-# --------------------------------------------------------------------------------------------
-
-
-def _icon(result: HostResult) -> str:
-    if not result.ok:
-        return "❌"
-    return "✅" if result.ran else "⏭️"
+#: The board's icon for each host status (the command line has words for the same statuses).
+ICONS: Final = {
+    HostStatus.OK: "✅",
+    HostStatus.SKIPPED: "⏭️",
+    HostStatus.FAILED: "❌",
+    HostStatus.WAITING: "⏳",
+    HostStatus.SILENT: "⌛",
+}
 
 
 @dataclass
@@ -108,17 +111,18 @@ class FleetBoard:
             )
             if len(content) <= limit:
                 return content, complete
-        return cut(f"{self.title}\n{self._tally()}\n{attached}", limit), False
+        return cut(f"{self.title}\n{self._counts()}\n{attached}", limit), False
 
     def full_text(self) -> str:
         """Every host's whole answer, for the attachment when the table did not fit."""
         blocks = []
         for host in self._hosts():
             result = self.results.get(host)
+            icon = ICONS[host_status(result, finished=self.finished)]
             if result is None:
-                blocks.append(f"{self._waiting_icon()} {self._name(host)}: no answer")
+                blocks.append(f"{icon} {self._name(host)}: no answer")
                 continue
-            head = f"{_icon(result)} {self._name(host)} ({result.duration:.1f} s)"
+            head = f"{icon} {self._name(host)} ({result.duration:.1f} s)"
             body = [f"    {line}" for line in self._summaries[host].splitlines()]
             blocks.append("\n".join([head, *body]))
         return "\n".join([*blocks, "", self.footer()]) + "\n"
@@ -134,28 +138,26 @@ class FleetBoard:
         fleet = self.fleet
         if not fleet.expected and not fleet.results:
             return "❌ No hosts are alive: no control daemon has a heartbeat in Redis; nothing ran."
-        hosts = fleet.expected | fleet.results.keys()
-        ok = sum(1 for result in fleet.results.values() if result.ok)
-        tally = f"{ok}/{len(hosts)} hosts ok in {fleet.elapsed:.1f} s"
+        tally = FleetTally.of_fleet(fleet)
+        sentence = ok_sentence(tally, fleet.elapsed)
         if fleet.ok:
-            return f"✅ {tally}"
+            return f"✅ {sentence}"
         parts = []
-        failed = sorted(
-            (h for h, result in fleet.results.items() if not result.ok), key=natural_key
-        )
-        if failed:
-            parts.append(f"{len(failed)} failed: {self._listing(failed)}")
-        if fleet.silent:
-            silent = sorted(fleet.silent, key=natural_key)
-            parts.append(f"{len(silent)} silent: {self._listing(silent)}")
+        if tally.failed:
+            parts.append(f"{len(tally.failed)} failed: {self._listing(tally.failed)}")
+        if tally.unanswered:
+            parts.append(f"{len(tally.unanswered)} silent: {self._listing(tally.unanswered)}")
         if not fleet.expected:
             parts.append("no hosts were alive when it was published")
-        return f"❌ {' · '.join(parts)} — {tally}"
+        return f"❌ {' · '.join(parts)} — {sentence}"
 
     # -- pieces
 
-    def _hosts(self) -> list[str]:
-        return sorted(self.expected | self.results.keys(), key=natural_key)
+    def _tally(self) -> FleetTally:
+        return FleetTally.of(self.expected, self.results)
+
+    def _hosts(self) -> tuple[str, ...]:
+        return self._tally().hosts
 
     def _name(self, host: str) -> str:
         name = self._names.get(host)
@@ -163,34 +165,26 @@ class FleetBoard:
             name = self._names[host] = one_line(self.clean(host), 64)
         return name
 
-    def _waiting_icon(self) -> str:
-        return "⌛" if self.finished else "⏳"
-
     def _row(self, host: str, width: int, summary_width: int) -> str:
         name = self._name(host)
         if len(name) > width:
             name = name[: width - 1] + "…"
         result = self.results.get(host)
+        icon = ICONS[host_status(result, finished=self.finished)]
         if result is None:
-            icon, took = self._waiting_icon(), ""
+            took = ""
             summary = "no answer" if self.finished else "waiting"
         else:
-            icon, took = _icon(result), f"{result.duration:.1f} s"
+            took = f"{result.duration:.1f} s"
             summary = one_line(self._summaries[host], summary_width)
         row = f"{icon} {name:<{width}}  {took:>7}"
         return f"{row}  {summary}" if summary_width else row.rstrip()
 
-    def _tally(self) -> str:
-        results = self.results.values()
-        counts = [
-            (sum(1 for r in results if r.ok and r.ran), "✅"),
-            (sum(1 for r in results if r.ok and not r.ran), "⏭️"),
-            (sum(1 for r in results if not r.ok), "❌"),
-            (len(self.expected - self.results.keys()), self._waiting_icon()),
-        ]
-        return " · ".join(f"{icon} {count}" for count, icon in counts if count)
+    def _counts(self) -> str:
+        counts = self._tally().counts(finished=self.finished)
+        return " · ".join(f"{ICONS[status]} {count}" for status, count in counts)
 
-    def _listing(self, hosts: list[str]) -> str:
+    def _listing(self, hosts: Sequence[str]) -> str:
         shown = [discord.utils.escape_markdown(self._name(h)) for h in hosts[:FLEET_FOOTER_HOSTS]]
         more = len(hosts) - len(shown)
         return ", ".join(shown) + (f" … and {more} more" if more else "")
@@ -261,8 +255,9 @@ class LiveMessage:
             if content != self._shown:
                 try:
                     ok = await self._edit(content)
-                except Exception:  # a failed edit must not end the loop: the final one matters
-                    log.exception("live message edit failed")
+                # A failed edit must not end the loop: the final one matters.
+                except SEND_ERRORS as exc:
+                    log.warning("live message edit failed: %r", exc)
                     ok = False
                 self._last = self._clock()
                 self.edits += 1
