@@ -28,16 +28,7 @@ class InProcessDaemon:
     def __init__(self, redis: aioredis.Redis, settings: DaemonSettings) -> None:
         """A daemon on ``redis`` configured by ``settings`` (not started yet)."""
         self.settings = settings
-        self.daemon = ControlDaemon(
-            redis,
-            identity=settings.identity,
-            secret=settings.secret,
-            pull_targets=settings.pull_targets,
-            restart_units=settings.restart_units,
-            own_units=settings.own_units,
-            prefix=settings.prefix,
-            deferred_restart_delay=settings.restart_delay,
-        )
+        self.daemon = ControlDaemon.from_settings(redis, settings)
         #: The task serving commands, while started.
         self.task: asyncio.Task[None] | None = None
 
