@@ -40,7 +40,7 @@ INPUTS: dict[str, Callable[[int], str]] = {
     "?password= run": lambda n: ("?password=x&" * n)[:n],
     "OSC unterminated": lambda n: ("\x1b]0;" * n)[:n],
     "CSI unterminated": lambda n: ("\x1b[0;1;" * n)[:n],
-    "url with @ at end": lambda n: ("https://" + "u" * n)[:n - 1] + "@",
+    "url with @ at end": lambda n: ("https://" + "u" * n)[: n - 1] + "@",
 }
 
 

@@ -1,5 +1,6 @@
-"""Fixtures for the deployment tests: one private systemd 252 for the session, and the shipped
-``deploy/`` units installed into it with only their paths adjusted for the test (see
+"""Fixtures for the deployment tests: one private systemd 252 with the shipped units installed.
+
+The ``deploy/`` units are installed with only their paths adjusted for the test (see
 ``deploy_support`` for the layout inside the namespaces).
 
 Needs root and cgroup2; elsewhere these tests skip with that reason. Set
@@ -91,5 +92,5 @@ def bot_unit(shipped_unit: Callable[[str], ShippedUnit]) -> ShippedUnit:
 
 @pytest.fixture(scope="session")
 def polkit(system_bus: PrivateSystemd) -> Polkit:
-    """polkitd on the system bus with deploy/polkit/50-admin-ops.rules installed."""
+    """Run polkitd on the system bus with deploy/polkit/50-admin-ops.rules installed."""
     return start_polkit(system_bus)

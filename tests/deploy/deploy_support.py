@@ -44,7 +44,7 @@ def skip_or_fail(reason: str) -> None:
 
 
 def git(cwd: Path, *args: str, config: Path | None = None) -> str:
-    """git for fixture set-up, isolated from any real user or system configuration.
+    """Run git for fixture set-up, isolated from any real user or system configuration.
 
     ``config`` is used as the global configuration; the tree's one trusts every directory, because
     the test repositories belong to the service user and root pushes into them (git's local
@@ -130,8 +130,10 @@ class DeployTree:
         return git(self.checkout, "rev-parse", "HEAD", config=self.gitconfig)
 
     def out_dir(self, name: str, state: str = "admin-ops") -> tuple[Path, str]:
-        """A fresh directory in a unit's ``StateDirectory=`` (the only place besides the checkout
-        a shipped unit may write): (path outside, path inside the namespace)."""
+        """A fresh directory in a unit's ``StateDirectory=``: (path outside, path inside).
+
+        That is the only place besides the checkout where a shipped unit may write.
+        """
         leaf = f"{name}-{uuid.uuid4().hex[:8]}"
         outside = self.systemd.var_lib / state / leaf
         outside.mkdir(parents=True)

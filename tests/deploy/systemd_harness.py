@@ -133,7 +133,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_cgroups(mount: Path) -> None:
-    """rmdir empty test cgroups left by earlier sessions that died (their pytest pid is gone).
+    """Remove empty test cgroups left by earlier sessions that died (their pytest pid is gone).
 
     rmdir cannot remove a cgroup that still has processes or children, so nothing alive is touched;
     a directory of a session that is still running is skipped by its pid.
