@@ -15,12 +15,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 import discord
 from discord.ext import commands
 
+from core.hardening import CREDENTIALS, make_undumpable
 from core.ops_exec import (
     UnitState,
     bounded,
@@ -40,6 +42,9 @@ EXTENSIONS = ("cogs.admin_ops",)
 EXIT_CONFIG = 2
 #: Seconds ``--check`` waits for Redis to answer a PING.
 REDIS_CHECK_TIMEOUT = 3.0
+#: A ``--check`` line: passed (True), failed (False) or advice that does not fail (None).
+Verdict = bool | None
+_MARKS: Final[Mapping[Verdict, str]] = {True: "✅", False: "❌", None: "⚠️"}
 
 log = logging.getLogger("admin_ops.bot")
 
@@ -197,18 +202,37 @@ def _check_state_dir(settings: Settings) -> tuple[bool, str]:
     return True, f"state dir {state_dir} is writable"
 
 
-async def run_checks(settings: Settings) -> list[tuple[bool, str]]:
-    """Every check of ``--check``, in order, as ``(passed, line)``."""
-    results: list[tuple[bool, str]] = [
+def _check_token(settings: Settings, environ: Mapping[str, str]) -> tuple[Verdict, str]:
+    """Whether there is a token, and where it came from (never the token itself)."""
+    if not settings.discord_token:
+        return False, "DISCORD_TOKEN is not set: set it to your bot's token"
+    if environ.get("DISCORD_TOKEN", "").strip():
+        return True, "DISCORD_TOKEN is set (environment)"
+    return True, f"DISCORD_TOKEN is set (systemd credential {CREDENTIALS['DISCORD_TOKEN']})"
+
+
+def _check_guilds(settings: Settings) -> tuple[Verdict, str]:
+    """Which servers the commands work in; all of them is worth a warning."""
+    if not settings.guild_ids:
+        return None, (
+            "OPS_GUILD_IDS not set: commands work in any server the bot is in "
+            "(set it to your servers' IDs)"
+        )
+    servers = ", ".join(str(guild) for guild in sorted(settings.guild_ids))
+    return True, f"OPS_GUILD_IDS: commands work only in servers {servers}"
+
+
+async def run_checks(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> list[tuple[Verdict, str]]:
+    """Every check of ``--check``, in order, as ``(verdict, line)``."""
+    results: list[tuple[Verdict, str]] = [
         (
             True,
             f"settings: prefix {settings.command_prefix!r}, restart mode {settings.restart_mode}",
         ),
-        (
-            (True, "DISCORD_TOKEN is set")
-            if settings.discord_token
-            else (False, "DISCORD_TOKEN is not set: set it to your bot's token")
-        ),
+        _check_token(settings, os.environ if environ is None else environ),
+        _check_guilds(settings),
     ]
     for target in settings.pull_targets:
         results.append(await _check_target(target.name, target.path))
@@ -222,12 +246,12 @@ async def run_checks(settings: Settings) -> list[tuple[bool, str]]:
 
 
 def check(settings: Settings, print_line: Callable[[str], None] = print) -> int:
-    """Print one ✅/❌ line per check, secrets masked; 0 only when every check passes."""
+    """Print one ✅/⚠️/❌ line per check, secrets masked; 0 unless a check failed."""
     results = asyncio.run(run_checks(settings))
     secrets = settings.secrets
-    for passed, line in results:
-        print_line(f"{'✅' if passed else '❌'} {redact(line, secrets)}")
-    return 0 if all(passed for passed, _ in results) else 1
+    for verdict, line in results:
+        print_line(f"{_MARKS[verdict]} {redact(line, secrets)}")
+    return 1 if any(verdict is False for verdict, _ in results) else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="validate settings and host (checkouts, units, Redis, fleet, state dir); no Discord",
     )
     args = parser.parse_args(argv)
+    # The token is about to be read into this process, which runs git (and so the hooks of the
+    # checkouts it pulls) as the same user: none of them may read its memory or environment.
+    make_undumpable()
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

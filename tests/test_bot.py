@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ def test_check_passes_on_a_good_configuration(
             "OPS_PROXY_SERVICE": "nginx",
             "REDIS_URL": redis_server.url,
             "OPS_STATE_DIR": str(tmp_path / "state"),
+            "OPS_GUILD_IDS": "111111111111111111,222222222222222222",
         },
         "--check",
     )
@@ -71,8 +75,11 @@ def test_check_passes_on_a_good_configuration(
     assert "answers" in text
     assert "is writable" in text
     assert "fleet: !fleet_* commands off (they need OPS_CONTROL_SECRET)" in text
+    assert (
+        "✅ OPS_GUILD_IDS: commands work only in servers 111111111111111111, 222222222222222222"
+    ) in lines
     assert token not in text
-    assert len(lines) == 9
+    assert len(lines) == 10
 
 
 def test_check_shows_the_fleet_and_what_git_also_gets(
@@ -193,3 +200,161 @@ async def test_the_bot_mentions_nobody_and_loads_the_cog(
         "ops_status",
     }
     await bot.unload_extension("cogs.admin_ops")
+
+
+def test_check_warns_when_commands_work_in_any_server(
+    systemctl_stub: Path, git_repos: Any, tmp_path: Path
+):
+    result = run_bot(
+        {
+            "DISCORD_TOKEN": "any-server-token-0123456789",
+            "OPS_REPO_DIR": str(git_repos.clone),
+            "OPS_SYSTEMCTL": str(systemctl_stub),
+            "OPS_STATE_DIR": str(tmp_path / "state"),
+        },
+        "--check",
+    )
+    # Advice, not a failure: a private bot in one server may leave it unset.
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stdout.splitlines() if not line.startswith("✅ ")]
+    assert warnings == [
+        "⚠️ OPS_GUILD_IDS not set: commands work in any server the bot is in "
+        "(set it to your servers' IDs)"
+    ]
+
+
+def test_check_fails_naming_both_variables_when_role_names_lack_servers(tmp_path: Path):
+    result = run_bot(
+        {
+            "DISCORD_TOKEN": "role-names-token-0123456789",
+            "OPS_ADMIN_ROLE_NAMES": "ops",
+            "OPS_STATE_DIR": str(tmp_path / "state"),
+        },
+        "--check",
+    )
+    assert result.returncode == 1
+    [line] = [line for line in result.stdout.splitlines() if "OPS_ADMIN_ROLE_NAMES" in line]
+    assert line.startswith("❌ OPS_ADMIN_ROLE_NAMES: ")
+    assert "OPS_GUILD_IDS" in line
+
+
+def test_check_says_the_token_came_from_a_systemd_credential(
+    systemctl_stub: Path, git_repos: Any, tmp_path: Path
+):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    token = "credential-token-0123456789"
+    (credentials / "discord-token").write_text(token + "\n")
+    result = run_bot(
+        {
+            "CREDENTIALS_DIRECTORY": str(credentials),
+            "OPS_REPO_DIR": str(git_repos.clone),
+            "OPS_SYSTEMCTL": str(systemctl_stub),
+            "OPS_STATE_DIR": str(tmp_path / "state"),
+            "OPS_GUILD_IDS": "111111111111111111",
+        },
+        "--check",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✅ DISCORD_TOKEN is set (systemd credential discord-token)" in result.stdout
+    assert token not in result.stdout + result.stderr
+
+
+# --- the running bot keeps its environment to itself -------------------------------------------
+
+# Test-only: points discord.py's REST base at a local socket that accepts and never answers, so
+# the real `python bot.py` goes through start-up and then waits in its login, offline.
+SITECUSTOMIZE = """
+import os
+base = os.environ.get("ADMIN_OPS_TEST_DISCORD_BASE")
+if base:
+    import discord.http
+    discord.http.Route.BASE = base
+"""
+CANARY = "canary-bot-token-MTIzNDU2Nzg5"
+
+
+def as_unprivileged(argv: list[str]) -> list[str]:
+    """``argv`` without any capability (root's CAP_SYS_PTRACE reads any process)."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("setpriv (util-linux) is needed to drop root's capabilities")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all", "--", *argv]
+
+
+@pytest.fixture
+def bot_logging_in(tmp_path: Path) -> Iterator[int]:
+    """A real ``python bot.py`` holding a token, waiting for Discord to answer its login (PID)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    with socket.create_server(("127.0.0.1", 0)) as discord_stand_in:
+        port = discord_stand_in.getsockname()[1]
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ["HOME"],
+            "PYTHONPATH": str(site),
+            "DISCORD_TOKEN": CANARY,
+            "OPS_STATE_DIR": str(tmp_path / "state"),
+            "ADMIN_OPS_TEST_DISCORD_BASE": f"http://127.0.0.1:{port}/api/v10",
+        }
+        process = subprocess.Popen(
+            as_unprivileged([sys.executable, str(ROOT / "bot.py")]),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            discord_stand_in.settimeout(60)
+            try:
+                connection, _ = discord_stand_in.accept()  # bot.py is past its start-up
+            except TimeoutError:
+                process.kill()
+                pytest.fail(f"bot.py never tried to log in: {process.communicate()[1]!r}")
+            with connection:
+                yield process.pid
+        finally:
+            process.kill()
+            process.wait(timeout=10)
+            if process.stderr is not None:
+                process.stderr.close()
+
+
+def read_as_sibling(path: str) -> str:
+    """What an unprivileged process of the same user gets reading ``path``: content or error."""
+    reader = (
+        f"import sys\ntry:\n    sys.stdout.write(open({path!r}, 'rb').read().decode('latin-1'))\n"
+    )
+    reader += "except OSError as exc:\n    sys.stdout.write(f'error: {exc.strerror}')\n"
+    done = subprocess.run(
+        as_unprivileged([sys.executable, "-c", reader]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_the_running_bot_is_undumpable_so_a_sibling_cannot_read_its_token(bot_logging_in: int):
+    """A git hook, or any process of the bot's user, walking up to the bot finds nothing."""
+    for entry in ("environ", "mem"):
+        assert read_as_sibling(f"/proc/{bot_logging_in}/{entry}") == "error: Permission denied"
+
+
+def test_a_sibling_reads_the_environment_of_a_dumpable_process(tmp_path: Path):
+    """The control: the same read works on an ordinary process, so the test above can fail."""
+    process = subprocess.Popen(
+        as_unprivileged([sys.executable, "-c", "import sys; sys.stdin.read()"]),
+        env={"PATH": os.environ["PATH"], "DISCORD_TOKEN": CANARY},
+        stdin=subprocess.PIPE,
+    )
+    try:
+        assert CANARY in read_as_sibling(f"/proc/{process.pid}/environ")
+    finally:
+        process.kill()
+        process.wait(timeout=10)
