@@ -22,9 +22,10 @@ is cleaned up.
 
 Beyond the recipe, the private mount namespace also hides a few host paths the shipped units would
 write to (``/tmp`` and ``/var/tmp`` for ``PrivateTmp=``, ``/var/lib`` for ``StateDirectory=``), and
-overlays ``/etc/passwd``/``/etc/group`` with copies that add the service user, ``/srv`` with a test
+overlays ``/etc/passwd``/``/etc/group`` with copies that add the service users, ``/srv`` with a test
 tree, ``/etc/polkit-1/rules.d`` with a test directory and ``/etc/systemd/system.conf`` with test
-defaults. None of this is visible outside the namespace.
+defaults; its mounts are made shared, as systemd does on a booted host (credentials need it). None
+of this is visible outside the namespace.
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ CGROUP_PREFIX = "admin-ops-test-"
 ROOT_TARGET = "admin-ops-test.target"
 READY_TIMEOUT = 10.0
 REQUIRED_TOOLS = ("unshare", "nsenter", "setpriv", "systemctl", "systemd-analyze", "mount", "mknod")
-# The service user the shipped units name; it exists only in the namespace's /etc/passwd overlay.
+# The service users the shipped units name (the bot's, the fleet daemon's) and the group through
+# which they share the checkout; they exist only in the namespace's /etc/passwd and /etc/group.
 SERVICE_USER = "opsbot"
 SERVICE_UID = 61_234
+CONTROL_USER = "opsctl"
+CONTROL_UID = 61_235
+CONTROL_HOME = "/srv/admin-ops-control"
+SHARED_GROUP = "admin-ops"
+SHARED_GID = 61_236
 # systemd's default 90 s start/stop timeouts would turn a hung test unit into a hung test run.
 SYSTEM_CONF = """\
 [Manager]
@@ -247,6 +254,11 @@ ln -s pts/ptmx /dev/ptmx
 touch /dev/console
 mount --move /run/admin-ops-test-console /dev/console
 rm /run/admin-ops-test-console
+# As on a booted host, where systemd makes / shared itself (it leaves that to the container
+# manager here): credentials (LoadCredential=) are prepared in a helper's own mount namespace and
+# moved into /run/credentials, which only reaches the manager through shared propagation. The
+# peer groups are new ones of this namespace: nothing propagates back to the machine's mounts.
+mount --make-rshared /
 
 exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
   container=admin-ops-test \\
@@ -504,10 +516,17 @@ def _prepare_workdir(workdir: Path) -> dict[str, Path]:
     (paths["etc"] / "system.conf").write_text(SYSTEM_CONF)
     passwd = Path("/etc/passwd").read_text()
     group = Path("/etc/group").read_text()
-    ids = f"{SERVICE_UID}:{SERVICE_UID}"
-    user = f"{SERVICE_USER}:x:{ids}:admin-ops:/srv/admin-ops:/usr/sbin/nologin"
-    (paths["etc"] / "passwd").write_text(passwd.rstrip("\n") + f"\n{user}\n")
-    (paths["etc"] / "group").write_text(group.rstrip("\n") + f"\n{SERVICE_USER}:x:{SERVICE_UID}:\n")
+    users = (
+        f"{SERVICE_USER}:x:{SERVICE_UID}:{SERVICE_UID}:admin-ops:/srv/admin-ops:/usr/sbin/nologin\n"
+        f"{CONTROL_USER}:x:{CONTROL_UID}:{CONTROL_UID}:admin-ops fleet daemon:{CONTROL_HOME}:"
+        "/usr/sbin/nologin\n"
+    )
+    groups = (
+        f"{SERVICE_USER}:x:{SERVICE_UID}:\n{CONTROL_USER}:x:{CONTROL_UID}:\n"
+        f"{SHARED_GROUP}:x:{SHARED_GID}:{SERVICE_USER},{CONTROL_USER}\n"
+    )
+    (paths["etc"] / "passwd").write_text(passwd.rstrip("\n") + "\n" + users)
+    (paths["etc"] / "group").write_text(group.rstrip("\n") + "\n" + groups)
     # polkitd reads its rules directory as its own user.
     with contextlib.suppress(LookupError, OSError):
         shutil.chown(paths["polkit_rules"], user="polkitd")
