@@ -3,15 +3,19 @@
 Inside the private namespaces (see ``systemd_harness``):
 
 - ``/srv`` is the session's test tree: ``/srv/admin-ops`` (home of the service user ``opsbot``),
-  ``/srv/admin-ops/app`` (a git checkout of ``/srv/origin.git``, with ``.venv/bin/python``),
-  ``/srv/etc-admin-ops`` standing in for ``/etc/admin-ops``, and ``/srv/admin-ops-test-lib`` holding
-  the unit probe and a copy of ``core/`` any user may read;
-- ``opsbot`` exists (an ``/etc/passwd`` overlay), ``/var/lib`` is the test's ``var-lib`` directory.
+  ``/srv/admin-ops/app`` (a git checkout of ``/srv/origin.git``, with ``.venv/bin/python``, shared
+  with ``opsctl`` through the group ``admin-ops`` by deploy/README.md's own commands),
+  ``/srv/admin-ops-control`` (home of the daemon's user ``opsctl``), ``/srv/etc-admin-ops``
+  standing in for ``/etc/admin-ops`` (env files and credential files), and
+  ``/srv/admin-ops-test-lib`` holding the unit probe and a copy of ``core/`` any user may read;
+- ``opsbot``, ``opsctl`` and ``admin-ops`` exist (``/etc/passwd`` and ``/etc/group`` overlays),
+  ``/var/lib`` is the test's ``var-lib`` directory.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.systemd_harness import SERVICE_UID, PrivateSystemd
+from tests.deploy.systemd_harness import (
+    CONTROL_HOME,
+    CONTROL_UID,
+    SERVICE_UID,
+    SHARED_GID,
+    PrivateSystemd,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -34,6 +44,15 @@ SHIPPED_UNITS = (BOT_UNIT, CONTROL_UNIT)
 ETC_INSIDE = "/srv/etc-admin-ops"
 LIB_INSIDE = "/srv/admin-ops-test-lib"
 CHECKOUT_INSIDE = "/srv/admin-ops/app"
+# The secrets the test tree's credential files hold (deploy/README.md step 3).
+TEST_SECRETS = {
+    "discord-token": "test-token-not-real",
+    "control-secret": "test-control-secret-not-real-0123456789",
+    "redis-url": "redis://:test-redis-password@127.0.0.1:6379/0",
+}
+# What a unit's process needs to run as a user (inside the namespace): setpriv drops every
+# capability once the uid is not 0.
+PLAIN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 def skip_or_fail(reason: str) -> None:
@@ -106,6 +125,20 @@ def as_service_user() -> tuple[str, ...]:
     return ("setpriv", "--reuid", uid, "--regid", uid, "--clear-groups", "--")
 
 
+def as_user(uid: int) -> tuple[str, ...]:
+    """Prefix that runs a program as ``uid`` with the groups its unit gives it (admin-ops)."""
+    ids = str(uid)
+    return ("setpriv", "--reuid", ids, "--regid", ids, "--groups", str(SHARED_GID), "--")
+
+
+def readme_block(containing: str) -> str:
+    """The one ``sh`` block of deploy/README.md that contains ``containing``."""
+    blocks = re.findall(r"```sh\n(.*?)```", (DEPLOY / "README.md").read_text(), re.DOTALL)
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"{len(found)} sh blocks of deploy/README.md contain {containing!r}"
+    return found[0]
+
+
 @dataclass(frozen=True)
 class DeployTree:
     """The shipped units installed in the private systemd, and the test tree they run in."""
@@ -129,24 +162,40 @@ class DeployTree:
     def checkout_head(self) -> str:
         return git(self.checkout, "rev-parse", "HEAD", config=self.gitconfig)
 
-    def out_dir(self, name: str, state: str = "admin-ops") -> tuple[Path, str]:
+    def out_dir(
+        self, name: str, state: str = "admin-ops", uid: int = SERVICE_UID
+    ) -> tuple[Path, str]:
         """A fresh directory in a unit's ``StateDirectory=``: (path outside, path inside).
 
-        That is the only place besides the checkout where a shipped unit may write.
+        That is the only place besides the checkout where a shipped unit may write; ``uid`` is the
+        unit's user, who owns its state directory.
         """
         leaf = f"{name}-{uuid.uuid4().hex[:8]}"
         outside = self.systemd.var_lib / state / leaf
         outside.mkdir(parents=True)
-        chown_tree(outside.parent, SERVICE_UID)
+        chown_tree(outside.parent, uid)
         return outside, f"/var/lib/{state}/{leaf}"
+
+    def run_readme(self, containing: str) -> None:
+        """Run deploy/README.md's ``sh`` block containing ``containing`` as root, as written.
+
+        The paths it names are the test tree's own inside the namespace; only the environment is
+        a clean one, as in a root shell.
+        """
+        script = readme_block(containing)
+        self.systemd.run("/bin/sh", "-euc", script, env=PLAIN_ENV, check=True, timeout=30)
+
+
+#: The only settings whose paths the test moves: out of /etc, which the namespace shares.
+MOVED_SETTINGS = ("EnvironmentFile=", "LoadCredential=")
 
 
 def shipped_unit_text(name: str) -> str:
-    """A shipped unit, adjusted for the test: only ``EnvironmentFile=`` moves out of /etc."""
+    """A shipped unit, adjusted for the test: only the env and credential files move out of /etc."""
     lines = (DEPLOY / name).read_text().splitlines(keepends=True)
     return "".join(
         line.replace("/etc/admin-ops/", f"{ETC_INSIDE}/")
-        if line.startswith("EnvironmentFile=")
+        if line.startswith(MOVED_SETTINGS)
         else line
         for line in lines
     )
@@ -164,6 +213,9 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
 
     home = srv / "admin-ops"
     home.mkdir(mode=0o750)
+    control_home = systemd.srv / Path(CONTROL_HOME).relative_to("/srv")
+    control_home.mkdir(mode=0o700)
+    os.chown(control_home, CONTROL_UID, CONTROL_UID)
     origin = srv / "origin.git"
     git(srv, "init", "-q", "--bare", "-b", "main", str(origin))
     upstream = systemd.scratch("upstream")
@@ -187,7 +239,7 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
     lib = srv / "admin-ops-test-lib"
     (lib / "core").mkdir(parents=True)
     shutil.copy(PROBE, lib / PROBE.name)
-    for name in ("__init__.py", "ops_exec.py"):
+    for name in ("__init__.py", "ops_exec.py", "hardening.py"):
         shutil.copy(ROOT / "core" / name, lib / "core" / name)
     for path in (lib, lib / "core"):
         path.chmod(0o755)
@@ -196,19 +248,18 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
 
     etc = srv / "etc-admin-ops"
     etc.mkdir(mode=0o700)
-    bot_env = (DEPLOY / "admin-ops.env.example").read_text()
-    bot_env = bot_env.replace("DISCORD_TOKEN=\n", "DISCORD_TOKEN=test-token-not-real\n")
-    (etc / "bot.env").write_text(bot_env)
-    control_env = (DEPLOY / "admin-ops-control.env.example").read_text()
-    control_env = control_env.replace("OPS_CONTROL_SECRET=\n", "OPS_CONTROL_SECRET=test-secret\n")
-    (etc / "control.env").write_text(control_env)
+    # As shipped: the env files hold no secrets, the credential files do (README step 3).
+    shutil.copy(DEPLOY / "admin-ops.env.example", etc / "bot.env")
+    shutil.copy(DEPLOY / "admin-ops-control.env.example", etc / "control.env")
+    for name, value in TEST_SECRETS.items():
+        (etc / name).write_text(value + "\n")
     for path in etc.iterdir():
         path.chmod(0o600)
 
     for name in SHIPPED_UNITS:
         systemd.install_unit(name, shipped_unit_text(name), reload=False)
     systemd.systemctl("daemon-reload")
-    return DeployTree(
+    tree = DeployTree(
         systemd=systemd,
         python=python,
         checkout=checkout,
@@ -216,6 +267,16 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
         etc=etc,
         gitconfig=gitconfig,
     )
+    # The checkout shared with opsctl, and opsctl trusting it: deploy/README.md's commands.
+    tree.run_readme("core.sharedRepository")
+    tree.run_readme("safe.directory")
+    # The stand-in remote is a local repository owned by opsbot, which git run by opsctl would
+    # refuse just the same; a real remote is reached over ssh and owned by nobody on this host.
+    systemd.run(
+        "runuser", "-u", "opsctl", "--", "git", "config", "--global", "--add", "safe.directory",
+        "/srv/origin.git", env=PLAIN_ENV, check=True,
+    )  # fmt: skip
+    return tree
 
 
 @dataclass

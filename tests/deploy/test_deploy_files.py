@@ -7,6 +7,7 @@ No root needed: these read the files and record what ``core.ops_exec`` executes 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import sys
@@ -15,21 +16,33 @@ from pathlib import Path
 import pytest
 
 from core import ops_exec
-from tests.deploy.deploy_support import DEPLOY, ROOT
-from tests.deploy.systemd_harness import SERVICE_USER
+from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL
+from core.settings import DEFAULT_COOLDOWNS
+from tests.deploy.deploy_support import DEPLOY, ROOT, SHIPPED_UNITS
+from tests.deploy.systemd_harness import CONTROL_USER, SERVICE_USER, SHARED_GROUP
 
 SYSTEMCTL = "/usr/bin/systemctl"
+#: Who runs what: the user of each shipped unit, and the sudoers alias of each user.
+UNIT_USERS = {"admin-ops-bot.service": SERVICE_USER, "admin-ops-control.service": CONTROL_USER}
+USER_ALIASES = {SERVICE_USER: "ADMIN_OPS_BOT", CONTROL_USER: "ADMIN_OPS_CONTROL"}
 
 
-def sudoers_commands() -> dict[str, list[str]]:
-    """``Cmnd_Alias`` name -> its commands, with line continuations joined."""
+def sudoers_commands(*, raw: bool = False) -> dict[str, list[str]]:
+    r"""``Cmnd_Alias`` name -> its commands, with line continuations joined.
+
+    sudoers needs ``\ , : =`` escaped with a backslash in command arguments: a command is split
+    at unescaped commas and, unless ``raw``, unescaped as sudo does before matching.
+    """
     text = (DEPLOY / "sudoers.d" / "admin-ops").read_text()
     logical = re.sub(r"\\\n", " ", text)
     aliases = {}
     for line in logical.splitlines():
         match = re.match(r"\s*Cmnd_Alias\s+(\w+)\s*=\s*(.*)$", line)
         if match:
-            aliases[match[1]] = [" ".join(cmd.split()) for cmd in match[2].split(",")]
+            commands = [" ".join(cmd.split()) for cmd in re.split(r"(?<!\\),", match[2])]
+            if not raw:
+                commands = [re.sub(r"\\(.)", r"\1", cmd) for cmd in commands]
+            aliases[match[1]] = commands
     return aliases
 
 
@@ -49,6 +62,17 @@ def polkit_list(name: str) -> list[str]:
     return re.findall(r'"([^"]+)"', match[1])
 
 
+def polkit_allowed() -> dict[str, list[str]]:
+    """The rule's ``ALLOWED`` map: user -> the units it may restart."""
+    text = (DEPLOY / "polkit" / "50-admin-ops.rules").read_text()
+    match = re.search(r"var ALLOWED = \{(.*?)\n    \};", text, re.DOTALL)
+    assert match, "ALLOWED not found in the polkit rule"
+    return {
+        user: re.findall(r'"([^"]+)"', units)
+        for user, units in re.findall(r'"([^"]+)": \[(.*?)\]', match[1], re.DOTALL)
+    }
+
+
 def unit_settings(name: str) -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
     for line in (DEPLOY / name).read_text().splitlines():
@@ -58,12 +82,22 @@ def unit_settings(name: str) -> dict[str, list[str]]:
     return settings
 
 
-def sudoers_units() -> set[str]:
+def sudoers_units(alias: str | None = None) -> set[str]:
+    """The units named in one ``Cmnd_Alias`` (or in all of them)."""
     units = set()
-    for commands in sudoers_commands().values():
-        for command in commands:
-            units.add(command.rsplit(" ", 1)[1])
+    for name, commands in sudoers_commands().items():
+        if alias in (None, name):
+            units.update(command.rsplit(" ", 1)[1] for command in commands)
     return units
+
+
+def systemd_seconds(span: str) -> float:
+    """A systemd time span (``5min``, ``5s``, ``100ms``, ``1min 30s``, ``300``) in seconds."""
+    scale = {"": 1, "s": 1, "sec": 1, "ms": 1e-3, "us": 1e-6, "m": 60, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", span)
+    assert parts, span
+    assert "".join(n + u for n, u in parts) == span.replace(" ", ""), span
+    return sum(float(number) * scale[unit] for number, unit in parts)
 
 
 @pytest.fixture
@@ -86,35 +120,59 @@ async def test_sudoers_lists_exactly_the_command_lines_admin_ops_runs(recorded_a
         assert (await ops_exec.systemctl_restart(unit))[0]
         assert (await ops_exec.deferred_systemctl_restart(unit, delay=0))[0]
         await ops_exec.systemctl_is_active(unit)
+        await ops_exec.unit_started_ago(unit)
     runs = [json.loads(line) for line in recorded_argv.read_text().splitlines()]
     possible = {" ".join([SYSTEMCTL, *argv]) for argv in runs}
 
-    commands = [cmd for cmds in sudoers_commands().values() for cmd in cmds]
+    aliases = sudoers_commands()
+    commands = [cmd for cmds in aliases.values() for cmd in cmds]
     assert commands, "no Cmnd_Alias in the sudoers file"
     assert set(commands) <= possible, set(commands) - possible
-    for unit in units:
-        # Every allowed unit can at least be restarted and queried the way admin-ops does it.
-        assert f"{SYSTEMCTL} --no-ask-password restart -- {unit}" in commands
-        assert f"{SYSTEMCTL} --no-ask-password is-active -- {unit}" in commands
+    for alias, alias_commands in aliases.items():
+        for unit in sudoers_units(alias):
+            # Every unit a user may restart can also be queried the way admin-ops does it,
+            # including when it last became active (a restart waits OPS_RESTART_MIN_INTERVAL).
+            assert f"{SYSTEMCTL} --no-ask-password restart -- {unit}" in alias_commands
+            assert f"{SYSTEMCTL} --no-ask-password is-active -- {unit}" in alias_commands
+            started = "show --property=ActiveEnterTimestampMonotonic --value"
+            assert f"{SYSTEMCTL} --no-ask-password {started} -- {unit}" in alias_commands
 
 
-def test_sudoers_has_no_wildcards_and_one_rule_for_the_service_user() -> None:
-    for commands in sudoers_commands().values():
+def test_sudoers_has_no_wildcards_and_one_rule_per_service_user() -> None:
+    for commands in sudoers_commands(raw=True).values():
         for command in commands:
-            assert not set(command) & set('*?[]"\\'), command
+            assert not set(command) & set('*?[]"'), command
+            # A backslash only ever escapes what sudoers needs escaped (here: "=").
+            assert re.sub(r"\\[=,:\\]", "", command).count("\\") == 0, command
             assert command.startswith(SYSTEMCTL + " ")
-    assert sudoers_rules() == [f"{SERVICE_USER} ALL=(root) NOPASSWD: ADMIN_OPS_SYSTEMCTL"]
+    assert sudoers_rules() == [
+        f"{user} ALL=(root) NOPASSWD: {alias}" for user, alias in USER_ALIASES.items()
+    ]
 
 
-def test_polkit_rule_and_sudoers_allow_the_same_units_for_the_same_user() -> None:
-    assert set(polkit_list("UNITS")) == sudoers_units()
+def test_polkit_rule_and_sudoers_allow_the_same_units_for_the_same_users() -> None:
+    allowed = polkit_allowed()
+    assert set(allowed) == set(USER_ALIASES)
+    for user, alias in USER_ALIASES.items():
+        assert set(allowed[user]) == sudoers_units(alias), user
     assert polkit_list("VERBS") == ["restart", "try-restart"]
-    text = (DEPLOY / "polkit" / "50-admin-ops.rules").read_text()
-    assert f'var USER = "{SERVICE_USER}";' in text
-    for unit in ("admin-ops-bot.service", "admin-ops-control.service"):
-        assert unit in sudoers_units()
-        settings = unit_settings(unit)
-        assert settings["User"] == [SERVICE_USER]
+    for unit, user in UNIT_USERS.items():
+        assert unit_settings(unit)["User"] == [user]
+
+
+def test_each_user_may_restart_what_its_settings_name_and_no_more() -> None:
+    """opsbot: its own unit and OPS_PROXY_SERVICE; opsctl: OPS_RESTART_UNITS."""
+    allowed = polkit_allowed()
+    bot_env = env_example("admin-ops.env.example")
+    assert set(allowed[SERVICE_USER]) == {"admin-ops-bot.service", bot_env["OPS_PROXY_SERVICE"]}
+    control_env = env_example("admin-ops-control.env.example")
+    assert set(allowed[CONTROL_USER]) == set(control_env["OPS_RESTART_UNITS"].split(","))
+
+
+def env_example(name: str) -> dict[str, str]:
+    """The settings an env example sets (uncommented lines only)."""
+    text = (DEPLOY / name).read_text()
+    return dict(re.findall(r"^([A-Z][A-Z0-9_]+)=(.*)$", text, re.MULTILINE))
 
 
 @pytest.mark.parametrize("unit", ["admin-ops-bot.service", "admin-ops-control.service"])
@@ -129,17 +187,93 @@ def test_units_agree_with_the_documented_layout(unit: str) -> None:
     assert settings["ProtectSystem"] == ["strict"]
     readme = (DEPLOY / "README.md").read_text()
     assert f"/etc/systemd/system/{unit}" in readme or f"deploy/{unit}" in readme
+    # Each unit its own user; the checkout shared through one group, group-writable.
+    assert settings["User"] == settings["Group"] == [UNIT_USERS[unit]]
+    assert settings["SupplementaryGroups"] == [SHARED_GROUP]
+    assert settings["UMask"] == ["0002"]
 
 
-def test_bot_unit_restarts_on_exit_status_26_and_stops_crash_loops() -> None:
+@pytest.mark.parametrize(
+    ("unit", "credentials"),
+    [
+        ("admin-ops-bot.service", ["discord-token", "control-secret", "redis-url"]),
+        ("admin-ops-control.service", ["control-secret", "redis-url"]),
+    ],
+)
+def test_units_take_their_secrets_as_credentials_and_the_env_files_hold_none(
+    unit: str, credentials: list[str]
+) -> None:
+    settings = unit_settings(unit)
+    assert settings["LoadCredential"] == [f"{name}:/etc/admin-ops/{name}" for name in credentials]
+    secrets = {"DISCORD_TOKEN", "OPS_CONTROL_SECRET", "REDIS_URL"}
+    for example in ("admin-ops.env.example", "admin-ops-control.env.example"):
+        assert secrets.isdisjoint(env_example(example)), example
+    readme = (DEPLOY / "README.md").read_text()
+    for name in credentials:
+        assert f"/etc/admin-ops/{name}" in readme
+
+
+def test_bot_unit_restarts_on_exit_status_26() -> None:
     settings = unit_settings("admin-ops-bot.service")
     assert settings["Restart"] == ["on-failure"]
     assert settings["RestartForceExitStatus"] == ["26"]
-    # Every start counts, chat restarts included: 6 cooldown-paced !bot_restart in 10 min must fit.
-    assert int(settings["StartLimitBurst"][0]) > 600 // 120
-    assert settings["UMask"] == ["0022"]  # pulled files stay readable by the services serving them
-    assert settings["StartLimitIntervalSec"] == ["10min"]
     assert settings["StateDirectory"] == ["admin-ops"]
+
+
+def command_starts(window: float, gap: float) -> int:
+    """The most starts systemd's start-limit window can hold when starts are ``gap`` s apart.
+
+    The window opens at a start and holds every start up to ``window`` seconds later (a start
+    exactly ``window`` later still counts in it).
+    """
+    return math.floor(window / gap) + 1
+
+
+@pytest.mark.parametrize("unit", SHIPPED_UNITS)
+def test_no_sequence_of_commands_reaches_the_start_limit_but_a_crash_loop_does(unit: str) -> None:
+    """The unit files' start limits against admin-ops' defaults, and deploy/README.md's numbers.
+
+    Every restart admin-ops makes on a command, whoever asked (chat, any daemon), waits until
+    systemd says the unit has been active for OPS_RESTART_MIN_INTERVAL; each command's cooldown
+    spaces its own restarts further. A crash loop restarts every RestartSec.
+    """
+    settings = unit_settings(unit)
+    window = systemd_seconds(settings["StartLimitIntervalSec"][-1])
+    burst = int(settings["StartLimitBurst"][-1])
+    restart_sec = systemd_seconds(settings["RestartSec"][-1])
+    assert settings["Restart"] == ["on-failure"]
+
+    most = command_starts(window, DEFAULT_RESTART_MIN_INTERVAL)
+    for command in ("bot_restart", "fleet_restart"):
+        gap = max(DEFAULT_RESTART_MIN_INTERVAL, DEFAULT_COOLDOWNS[command])
+        assert command_starts(window, gap) <= most
+    assert most <= burst, f"{most} command-driven starts fit in {window} s; the burst is {burst}"
+    # The room left absorbs crashes between commands (and a restart racing another).
+    assert burst - most >= 2
+    # A crash loop must fill the burst before its window runs out, and fail within a minute.
+    crash_loop = burst * restart_sec
+    assert crash_loop <= 60
+    assert crash_loop * 2 <= window
+
+    readme = " ".join((DEPLOY / "README.md").read_text().split())
+    minutes = window / 60
+    quoted = [
+        f"`StartLimitIntervalSec={settings['StartLimitIntervalSec'][-1]}`",
+        f"`StartLimitBurst={burst}`",
+        f"`RestartSec={settings['RestartSec'][-1]}`",
+        f"`OPS_RESTART_MIN_INTERVAL` ({DEFAULT_RESTART_MIN_INTERVAL:g} s by default",
+        f"at most {most} times in any {minutes:g}-minute window",
+        f"{burst - most} below the burst",
+        f"(`!bot_restart` {DEFAULT_COOLDOWNS['bot_restart']:g} s, "
+        f"`!fleet_restart` {DEFAULT_COOLDOWNS['fleet_restart']:g} s)",
+        f"restarted every {restart_sec:g} s, reaches {burst} starts in about {crash_loop:g} s",
+        f"refuses the {burst + 1}th",
+    ]
+    assert [text for text in quoted if text not in readme] == []
+    comment = " ".join(line.lstrip("# ") for line in (DEPLOY / unit).read_text().splitlines())
+    if unit == "admin-ops-bot.service":
+        assert f"at most {most} times in any {minutes:g}-minute window" in comment
+        assert f"burst of {burst}" in comment
 
 
 def test_env_examples_name_only_settings_the_code_reads() -> None:

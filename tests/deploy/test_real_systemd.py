@@ -25,17 +25,24 @@ from tests.deploy.deploy_support import (
     CONTROL_UNIT,
     ETC_INSIDE,
     LIB_INSIDE,
+    MOVED_SETTINGS,
     PROBE,
     ROOT,
     SHIPPED_UNITS,
     SLEEPER,
+    TEST_SECRETS,
     DeployTree,
     Polkit,
     ShippedUnit,
     as_service_user,
     shipped_unit_text,
 )
-from tests.deploy.systemd_harness import SERVICE_UID, PrivateSystemd
+from tests.deploy.systemd_harness import (
+    CONTROL_HOME,
+    CONTROL_UID,
+    SERVICE_UID,
+    PrivateSystemd,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -194,7 +201,7 @@ def test_shipped_units_are_well_hardened(deploy_tree: DeployTree) -> None:
         assert exposure < 2.0, overall
 
 
-def test_shipped_units_differ_from_the_originals_only_in_the_env_file_path() -> None:
+def test_shipped_units_differ_from_the_originals_only_in_the_env_and_credential_paths() -> None:
     for unit in SHIPPED_UNITS:
         original = (ROOT / "deploy" / unit).read_text()
         adjusted = shipped_unit_text(unit)
@@ -206,29 +213,36 @@ def test_shipped_units_differ_from_the_originals_only_in_the_env_file_path() -> 
         assert changed == [
             (line, line.replace("/etc/admin-ops/", f"{ETC_INSIDE}/"))
             for line in original.splitlines()
-            if line.startswith("EnvironmentFile=")
+            if line.startswith(MOVED_SETTINGS)
         ]
 
 
 @pytest.mark.parametrize(
-    ("unit", "env"),
+    ("unit", "uid", "home", "env"),
     [
-        (BOT_UNIT, {"OPS_BOT_SERVICE": BOT_UNIT, "OPS_PROXY_SERVICE": "proxy.service"}),
-        (CONTROL_UNIT, {"OPS_OWN_UNITS": CONTROL_UNIT, "REDIS_URL": "redis://127.0.0.1:6379/0"}),
+        (
+            BOT_UNIT,
+            SERVICE_UID,
+            "/srv/admin-ops",
+            {"OPS_BOT_SERVICE": BOT_UNIT, "OPS_PROXY_SERVICE": "proxy.service"},
+        ),
+        (CONTROL_UNIT, CONTROL_UID, CONTROL_HOME, {"OPS_OWN_UNITS": CONTROL_UNIT}),
     ],
 )
 def test_shipped_unit_sandbox_keeps_git_working(
     shipped_unit: Callable[[str], ShippedUnit],
     deploy_tree: DeployTree,
     unit: str,
+    uid: int,
+    home: str,
     env: dict[str, str],
 ) -> None:
-    """The hardening as shipped, the service user, the env file: a real ``run_git_pull`` works."""
+    """The hardening as shipped, each unit's user, the env file: a real ``run_git_pull`` works."""
     systemd = deploy_tree.systemd
     service = shipped_unit(unit)
     new_head = deploy_tree.commit_upstream(f"upstream change for {unit}")
     state = "admin-ops" if unit == BOT_UNIT else "admin-ops-control"
-    out, out_inside = deploy_tree.out_dir("sandbox", state)
+    out, out_inside = deploy_tree.out_dir("sandbox", state, uid)
     env_file = f"{ETC_INSIDE}/{'bot' if unit == BOT_UNIT else 'control'}.env"
     with socket.create_server(("127.0.0.1", 0)) as listener:  # Discord and Redis stand-in
         port = str(listener.getsockname()[1])
@@ -243,7 +257,7 @@ def test_shipped_unit_sandbox_keeps_git_working(
     assert facts["pull"]["ok"] is True, facts["pull"]["summary"]
     assert new_head[:7] in facts["pull"]["summary"]
     assert deploy_tree.checkout_head() == new_head
-    assert (facts["uid"], facts["euid"]) == (SERVICE_UID, SERVICE_UID)
+    assert (facts["uid"], facts["euid"]) == (uid, uid)
     assert facts["no_new_privs"] == "1"
     assert int(facts["cap_bounding"], 16) == 0
     assert facts["seccomp"] == "2"
@@ -259,9 +273,13 @@ def test_shipped_unit_sandbox_keeps_git_working(
     assert facts["read"] == {"root_home": "EACCES", "env_file": "EACCES"}
     assert facts["connect"] == "ok"
     assert facts["env"]["STATE_DIRECTORY"] == f"/var/lib/{state}"
-    assert facts["env"]["HOME"] == "/srv/admin-ops"
+    assert facts["env"]["HOME"] == home
     for key, value in env.items():
         assert facts["env"][key] == value
+    # The secrets come as credentials, never through the environment.
+    assert facts["env"]["CREDENTIALS_DIRECTORY"] == f"/run/credentials/{unit}"
+    for key in ("DISCORD_TOKEN", "OPS_CONTROL_SECRET", "REDIS_URL"):
+        assert facts["env"][key] is None
 
 
 @pytest.mark.parametrize("restart_setting", ["", "Restart=no\n"], ids=["as-shipped", "Restart=no"])
@@ -443,9 +461,12 @@ def test_readme_check_command_runs_like_the_service(
     program = "/srv/admin-ops/app/.venv/bin/python bot.py --check"
     assert program in command
     report = (
-        "import json, os; print(json.dumps({'uid': os.getuid(), 'cwd': os.getcwd(), "
+        "import json, os; creds = os.environ.get('CREDENTIALS_DIRECTORY', ''); "
+        "print(json.dumps({'uid': os.getuid(), 'cwd': os.getcwd(), "
         "'env': {k: os.environ.get(k) for k in ('OPS_BOT_SERVICE', 'STATE_DIRECTORY', "
-        "'DISCORD_TOKEN')}}))"
+        "'DISCORD_TOKEN')}, "
+        "'credentials': {n: open(os.path.join(creds, n)).read().strip() "
+        "for n in sorted(os.listdir(creds))} if creds else {}}))"
     )
     command = command.replace("/etc/admin-ops/", f"{ETC_INSIDE}/").replace(
         program, f"/srv/admin-ops/app/.venv/bin/python -c {shlex.quote(report)}"
@@ -460,26 +481,31 @@ def test_readme_check_command_runs_like_the_service(
         "env": {
             "OPS_BOT_SERVICE": BOT_UNIT,
             "STATE_DIRECTORY": "/var/lib/admin-ops",
-            "DISCORD_TOKEN": "test-token-not-real",
+            "DISCORD_TOKEN": None,
         },
+        # What bot.py --check reads through $CREDENTIALS_DIRECTORY, as the service does.
+        "credentials": TEST_SECRETS,
     }
 
 
-async def test_six_chat_restarts_in_ten_minutes_fit_the_start_limit(
+async def test_command_starts_and_spare_ones_fit_the_start_limit_and_the_next_is_refused(
     bot_unit: ShippedUnit, deploy_tree: DeployTree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every start counts against StartLimitBurst=, chat restarts included.
+    """Every start counts against StartLimitBurst=, restarts by commands included.
 
-    The 120 s ``!bot_restart`` cooldown allows six starts in the 10-minute window (the first
-    start plus five restarts); the shipped limit must not refuse the last one and leave the bot
-    down after it already said "Restarting…".
+    One restart per OPS_RESTART_MIN_INTERVAL allows 6 starts in the 5-minute window (the arithmetic
+    is test_deploy_files' job): the shipped limit must take those 6 and 4 more (a crash between
+    commands, a restart racing another) within one window, and refuse the 11th, so a crash loop
+    still ends. The restarts here come back to back, all inside one window.
     """
     systemd = deploy_tree.systemd
     monkeypatch.setenv("OPS_SYSTEMCTL", str(systemd.systemctl_wrapper))
+    burst = int(systemd.show(BOT_UNIT, "StartLimitBurst")["StartLimitBurst"])
+    assert burst == 10
     bot_unit.configure("ExecStart=\nExecStart=/bin/sleep infinity\n")
     systemd.systemctl("start", BOT_UNIT)
     pid = systemd.main_pid(BOT_UNIT)
-    for _ in range(5):
+    for _ in range(burst - 1):
         ok, summary = await ops_exec.deferred_systemctl_restart(BOT_UNIT, delay=0)
         assert ok, summary
         state = systemd.wait_for(
@@ -490,3 +516,9 @@ async def test_six_chat_restarts_in_ten_minutes_fit_the_start_limit(
         )
         assert state["ActiveState"] == "active", state
         pid = int(state["MainPID"])
+
+    ok, summary = await ops_exec.systemctl_restart(BOT_UNIT)
+
+    assert not ok
+    state = systemd.show(BOT_UNIT, "ActiveState", "Result")
+    assert state == {"ActiveState": "failed", "Result": "start-limit-hit"}

@@ -13,11 +13,18 @@ line per event, ``O_APPEND`` so concurrent writers do not interleave) and signal
   ``run_git_pull`` of CHECKOUT and a TCP connection to ``localhost:PORT``, as JSON in
   ``OUT/sandbox.json``; then exits 0.
 - ``restart OUT UNIT``: ``systemctl_restart(UNIT)``, result as JSON in ``OUT/restart.json``.
+- ``credentials OUT``: what the process finds of its secrets (environment,
+  ``$CREDENTIALS_DIRECTORY`` through ``core.hardening.with_credentials``; digests, never values) in
+  ``OUT/credentials.json``, after making itself undumpable like the bot and the daemon do; then
+  stays up (``Type=notify``) so the test can look at the running process.
+- ``started-ago OUT UNIT...``: ``unit_started_ago`` of each unit, as JSON in ``OUT/started.json``.
+- ``pull OUT CHECKOUT``: ``pull_checkout(CHECKOUT)`` as JSON in ``OUT/pull.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -152,8 +159,11 @@ def sandbox(out: Path, checkout: str, env_file: str, port: int) -> None:
         "env": {
             key: os.environ.get(key)
             for key in (
+                "CREDENTIALS_DIRECTORY",
+                "DISCORD_TOKEN",
                 "HOME",
                 "OPS_BOT_SERVICE",
+                "OPS_CONTROL_SECRET",
                 "OPS_OWN_UNITS",
                 "OPS_PROXY_SERVICE",
                 "OPS_RESTART_MODE",
@@ -186,6 +196,49 @@ def restart(out: Path, unit: str) -> None:
     record(out, "restart-done")
 
 
+def _digest(value: str | None) -> str | None:
+    return None if value is None else hashlib.sha256(value.encode()).hexdigest()
+
+
+def credentials(out: Path) -> None:
+    from core.hardening import CREDENTIALS, is_dumpable, make_undumpable, with_credentials
+
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    seen = with_credentials(os.environ)
+    facts: dict[str, Any] = {
+        "credentials_directory": directory,
+        "files": sorted(os.listdir(directory)) if directory else [],
+        "in_environment": sorted(name for name in CREDENTIALS if name in os.environ),
+        "found": {name: _digest(seen.get(name)) for name in CREDENTIALS},
+        "dumpable_before": is_dumpable(),
+        "made_undumpable": make_undumpable(),
+        "dumpable_after": is_dumpable(),
+    }
+    (out / "credentials.json").write_text(json.dumps(facts, indent=2, sort_keys=True))
+    record(out, "credentials")
+    notify_ready()
+    wait_forever()
+
+
+def started_ago(out: Path, units: list[str]) -> None:
+    from core.ops_exec import unit_started_ago
+
+    async def ask() -> dict[str, float | None]:
+        return {unit: await unit_started_ago(unit) for unit in units}
+
+    (out / "started.json").write_text(json.dumps(asyncio.run(ask())))
+    record(out, "started-ago")
+
+
+def pull(out: Path, checkout: str) -> None:
+    from core.ops_exec import pull_checkout
+
+    outcome = asyncio.run(pull_checkout(checkout, timeout=20.0))
+    facts = {"ran": outcome.ran, "ok": outcome.ok, "summary": outcome.summary, "uid": os.getuid()}
+    (out / "pull.json").write_text(json.dumps(facts))
+    record(out, "pulled")
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[0], Path(argv[1])
     if mode == "selfrestart":
@@ -196,6 +249,12 @@ def main(argv: list[str]) -> None:
         sandbox(out, argv[2], argv[3], int(argv[4]))
     elif mode == "restart":
         restart(out, argv[2])
+    elif mode == "credentials":
+        credentials(out)
+    elif mode == "started-ago":
+        started_ago(out, argv[2:])
+    elif mode == "pull":
+        pull(out, argv[2])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
