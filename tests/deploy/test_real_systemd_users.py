@@ -172,13 +172,35 @@ def test_the_daemons_user_pulls_the_bots_checkout_and_the_bots_user_pulls_after_
         assert deploy_tree.checkout_head() == head
     status = git(deploy_tree.checkout, "status", "--porcelain", config=deploy_tree.gitconfig)
     assert status == ""
-    # Whoever wrote them, the checkout's files stay the group's and writable by it.
+    # Whoever wrote them, the checkout's files stay the group's and writable by it (but for
+    # git's own configuration and hooks, which are root's).
+    git_dir = deploy_tree.checkout / ".git"
+    roots = (git_dir / "config", git_dir / "hooks")
     for path in (deploy_tree.checkout, *deploy_tree.checkout.rglob("*")):
         if path.is_symlink() or ".venv" in path.parts:
+            continue
+        if any(path == root or root in path.parents for root in roots):
+            assert path.stat().st_uid == 0, path
             continue
         mode = path.stat()
         assert mode.st_gid == SHARED_GID, path
         assert mode.st_mode & 0o060 == 0o060 or ".git/objects/" in str(path), path
+
+
+@pytest.mark.parametrize("uid", [SERVICE_UID, CONTROL_UID])
+@pytest.mark.parametrize("path", [".git/hooks/post-merge", ".git/config", ".git/hooks/pre-push"])
+def test_neither_user_can_plant_a_command_for_the_others_next_pull(
+    deploy_tree: DeployTree, uid: int, path: str
+) -> None:
+    """Hooks and ``.git/config`` (core.fsmonitor, core.sshCommand...) run for whoever pulls."""
+    target = f"{CHECKOUT_INSIDE}/{path}"
+    plant = f"echo '#!/bin/sh' >> {target}"
+
+    result = deploy_tree.systemd.run(*as_user(uid), "/bin/sh", "-c", plant)
+
+    assert result.returncode != 0
+    assert "Permission denied" in result.stderr
+    assert not (deploy_tree.checkout / path).exists() or path == ".git/config"
 
 
 # --- unit_started_ago as each service user ------------------------------------------------------
