@@ -31,9 +31,26 @@ from core.settings import Settings
 AUDIT_LOGGER = "cogs.admin_ops.audit"
 
 
+def stored_marker(raw: bytes | str | None) -> dict[str, Any]:
+    """The restart marker in a value stored in Redis (signed: the marker is its payload)."""
+    assert raw is not None, "no marker in Redis"
+    payload = json.loads(raw)["payload"]
+    return dict(json.loads(payload))
+
+
 def audit_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     """Every audit record logged during the test, parsed."""
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == AUDIT_LOGGER]
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it (``clock.now += 30``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @dataclass
@@ -99,24 +116,41 @@ def pings_nobody(record: Sent) -> bool:
 
 
 class SystemctlStub:
-    """A stand-in ``systemctl`` that records its argv and when it ran, and fails on request."""
+    """A stand-in ``systemctl`` that records its argv and when it ran, and fails on request.
+
+    Like systemd it knows when each unit last became active (``show
+    --property=ActiveEnterTimestampMonotonic``, CLOCK_MONOTONIC microseconds, which is
+    ``time.monotonic()`` in every process): since boot until a restart, or what a test set.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "systemctl"
         self.log = directory / "systemctl-calls.jsonl"
         self.behaviour = directory / "systemctl-behaviour"
+        self.starts = directory / "systemctl-starts.json"
         self.path.write_text(
             f"#!{sys.executable}\n"
             "import json, sys, time\n"
+            f"starts_file = {str(self.starts)!r}\n"
+            "try:\n"
+            "    starts = json.load(open(starts_file))\n"
+            "except FileNotFoundError:\n"
+            "    starts = {}\n"
             f"with open({str(self.log)!r}, 'a') as log:\n"
             "    log.write(json.dumps({'argv': sys.argv[1:], 'at': time.time()}) + '\\n')\n"
             "if 'is-active' in sys.argv:\n"
             "    print('active')\n"
             "    sys.exit(0)\n"
+            "if 'show' in sys.argv:\n"
+            "    print(int(starts.get(sys.argv[-1], 1.0) * 1e6))\n"
+            "    sys.exit(0)\n"
             "try:\n"
             f"    code, err = open({str(self.behaviour)!r}).read().split('\\n', 1)\n"
             "except FileNotFoundError:\n"
-            "    sys.exit(0)\n"
+            "    code, err = '0', ''\n"
+            "if code == '0' and 'restart' in sys.argv:\n"
+            "    starts[sys.argv[-1]] = time.monotonic()\n"
+            "    json.dump(starts, open(starts_file, 'w'))\n"
             "sys.stderr.write(err)\n"
             "sys.exit(int(code))\n"
         )
@@ -125,6 +159,12 @@ class SystemctlStub:
     def fail(self, code: int, stderr: str) -> None:
         """Make every later restart exit with ``code`` after printing ``stderr``."""
         self.behaviour.write_text(f"{code}\n{stderr}")
+
+    def started(self, unit: str, seconds_ago: float) -> None:
+        """Say ``unit`` became active ``seconds_ago`` seconds ago."""
+        starts = json.loads(self.starts.read_text()) if self.starts.exists() else {}
+        starts[unit] = time.monotonic() - seconds_ago
+        self.starts.write_text(json.dumps(starts))
 
     def calls(self, verb: str = "restart") -> list[dict[str, Any]]:
         """The recorded runs whose argv contains ``verb``."""
@@ -178,6 +218,18 @@ class Harness:
     async def remove_cog(self) -> None:
         await self.bot.remove_cog("AdminOps")
 
+    async def reload_and_get_ready(self, **kwargs: Any) -> AdminOps:
+        """What a restart looks like to the cog: loaded again, then the bot becomes ready."""
+        if "AdminOps" in self.bot.cogs:
+            await self.remove_cog()
+        cog = await self.add_cog(**kwargs)
+        self.bot._ready.set()
+        self.bot.dispatch("ready")
+        await dpytest.run_all_events()
+        assert cog.back_online_task is not None
+        await cog.back_online_task
+        return cog
+
     async def say(
         self, content: str, member: discord.Member | None = None, channel: Any = None
     ) -> discord.Message:
@@ -185,6 +237,40 @@ class Harness:
         return await dpytest.message(
             content, channel=channel or self.channel, member=member or self.admins[0]
         )
+
+
+@dataclass
+class StrangerServer:
+    """Someone else's server with the bot in it, set up the way an attacker would.
+
+    Eve holds a role called ``ops`` there, Trudy a role with the same ID as the harness's
+    ``ops`` role (as far as the bot can tell), and Alice (the harness's admin) is a member too.
+    """
+
+    guild: discord.Guild
+    channel: discord.TextChannel
+    eve: discord.Member
+    trudy: discord.Member
+    alice: discord.Member
+
+
+async def stranger_server(harness: Harness) -> StrangerServer:
+    """Add a second server to the harness's bot: see :class:`StrangerServer`."""
+    backend = dpytest.backend
+    guild = backend.make_guild("Strangers")
+    channel = backend.make_text_channel("ops", guild)
+    backend.make_member(backend.get_state().user, guild)  # the bot, invited
+    named_ops = backend.make_role("ops", guild)
+    same_id = backend.make_role("ops-by-id", guild, id_num=harness.ops_role.id)
+    eve = backend.make_member(backend.make_user("eve", 1), guild)
+    trudy = backend.make_member(backend.make_user("trudy", 2), guild)
+    alice_user = harness.bot.get_user(harness.admins[0].id)
+    assert alice_user is not None
+    alice = backend.make_member(alice_user, guild)
+    await dpytest.add_role(eve, named_ops)
+    await dpytest.add_role(trudy, same_id)
+    assert any(role.id == harness.ops_role.id for role in trudy.roles)
+    return StrangerServer(guild, channel, eve, trudy, alice)
 
 
 async def configured_bot(
