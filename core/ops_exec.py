@@ -1015,7 +1015,9 @@ def _read_holder(lock_fd: int) -> str:
 
 def _try_flock(lock_path: str, holder: str) -> tuple[int | None, str]:
     """Take the host-local pull lock without blocking: ``(fd, "")`` or ``(None, holder)``."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Group-writable as far as the umask allows: services of different users that share a
+    # checkout through a group must all be able to open the same lock. It holds no secret.
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

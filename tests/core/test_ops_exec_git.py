@@ -664,3 +664,17 @@ async def test_caller_secrets_straddling_the_cut_are_still_removed(
     assert (result.ran, result.ok) == (True, False)
     assert "plain-secret" not in result.summary
     assert "***" in result.summary
+
+
+async def test_the_pull_lock_is_group_writable_as_far_as_the_umask_allows(
+    git_repos: GitRepos,
+) -> None:
+    # Services of different users sharing a checkout through a group must open the same lock.
+    old = os.umask(0o002)
+    try:
+        result = await run_git_pull(git_repos.clone)
+    finally:
+        os.umask(old)
+    assert result.ok, result.summary
+    lock = git_repos.clone / ".git" / "admin-ops-pull.lock"
+    assert lock.stat().st_mode & 0o777 == 0o660
