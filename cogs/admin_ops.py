@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ from core.chat.admission import Admission, make_cooldowns
 from core.chat.audit import AuditSink
 from core.chat.fleet_action import FleetCommands
 from core.chat.fleet_board import FLEET_EDIT_INTERVAL, FleetBoard, LiveMessage
+from core.chat.floods import RefusalFloodGate
 from core.chat.in_process import InProcessDaemon
 from core.chat.invocation import Outcome, Pipeline
 from core.chat.markers import MARKER_MAX_AGE, RestartMarkers
@@ -77,10 +79,10 @@ def _typed(text: str) -> list[str]:
 class AdminOps(commands.Cog):
     """Restart the bot and its proxy, pull checkouts, show status and drive the fleet.
 
-    Only for the application owner and members with an ops role, in the allowed channels.
-    Every command goes through one :class:`~core.chat.invocation.Pipeline`: server only, role,
-    channel, configured, already running, cooldown, then the action, one reply and one audit
-    record.
+    Only for the application owner and members with an ops role, in the allowed servers and
+    channels. Every command goes through one :class:`~core.chat.invocation.Pipeline`: server
+    only, role, channel, configured, the roles of what the command also does, already running,
+    cooldown, the unit's restart spacing, then the action, one reply and one audit record.
     """
 
     def __init__(
@@ -92,13 +94,15 @@ class AdminOps(commands.Cog):
         exit_process: Callable[[int], None] | None = None,
         key_prefix: str | None = None,
         fleet_edit_interval: float = FLEET_EDIT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Use the given settings and Redis client, else build them from the environment.
 
         ``exit_process`` ends the process in ``OPS_RESTART_MODE=exit`` (tests pass a spy);
         ``key_prefix`` prefixes every Redis key this cog writes and the fleet's streams
         (default ``OPS_CONTROL_PREFIX``, i.e. ``sg:control``); ``fleet_edit_interval`` is the
-        least time between two edits of a live fleet message.
+        least time between two edits of a live fleet message; ``clock`` (monotonic seconds)
+        times how often refusals are answered.
         """
         self.bot = bot
         self.settings = settings = settings if settings is not None else Settings.from_env()
@@ -118,7 +122,8 @@ class AdminOps(commands.Cog):
         self.audit = AuditSink(
             bot, self.replies, redis=redis, stream=keys.audit, channel_id=settings.audit_channel_id
         )
-        self.pipeline = Pipeline(self.admission, self.audit, self.replies)
+        self.floods = RefusalFloodGate(clock=clock)
+        self.pipeline = Pipeline(self.admission, self.audit, self.replies, self.floods)
         self.markers = RestartMarkers(
             redis=redis, key=keys.restart_marker(host, unit), path=settings.marker_file
         )

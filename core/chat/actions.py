@@ -19,15 +19,17 @@ import redis.asyncio as aioredis
 
 from core.chat.admission import Admission
 from core.chat.in_process import InProcessDaemon
-from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Reply
+from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Plan, Reply
 from core.chat.process import process_started_at
 from core.chat.replies import Replies
+from core.chat.spacing import RestartSpacing
 from core.names import DEFAULT_TARGET
 from core.ops_exec import (
     bounded,
     git_head,
     git_upstream,
     pull_checkout,
+    pull_lock_ttl,
     redis_errors,
     restart_unit,
     unit_state,
@@ -36,11 +38,6 @@ from core.settings import PullTarget, Settings
 from core.text import format_duration, inline_code
 
 __all__ = ["HostActions"]
-
-#: A pull's Redis dedupe lock outlives the pull's timeout by this much at least.
-LOCK_TTL_MARGIN = 30.0
-#: The shortest pull lock.
-MIN_LOCK_TTL = 90.0
 
 
 class HostActions:
@@ -55,14 +52,19 @@ class HostActions:
         admission: Admission,
         instance_id: str,
         in_process: InProcessDaemon | None = None,
+        spacing: RestartSpacing | None = None,
     ) -> None:
-        """``instance_id`` names this bot as a pull lock's holder (host:unit:pid)."""
+        """``instance_id`` names this bot as a pull lock's holder (host:unit:pid).
+
+        ``spacing`` keeps restarts apart (default: ``settings.restart_min_interval``).
+        """
         self.settings = settings
         self.redis = redis
         self.replies = replies
         self.admission = admission
         self.instance_id = instance_id
         self.in_process = in_process
+        self.spacing = spacing or RestartSpacing(settings.restart_min_interval)
 
     # ------------------------------------------------------------------ !bot_pull
 
@@ -85,7 +87,7 @@ class HostActions:
                 target.path,
                 redis=self.redis,
                 dedupe=True,
-                lock_ttl=max(MIN_LOCK_TTL, timeout + LOCK_TTL_MARGIN),
+                lock_ttl=pull_lock_ttl(timeout),
                 instance_id=self.instance_id,
                 timeout=timeout,
                 env_passthrough=self.settings.git_env_passthrough,
@@ -113,12 +115,14 @@ class HostActions:
 
     # ------------------------------------------------------------------ !proxy_restart
 
-    def configure_proxy_restart(self, inv: Invocation) -> Action | NotConfigured:
-        """Restart ``OPS_PROXY_SERVICE``."""
+    def configure_proxy_restart(self, inv: Invocation) -> Plan | NotConfigured:
+        """Restart ``OPS_PROXY_SERVICE``, unless it started too recently."""
         unit = self.settings.proxy_service
         if unit is None:
             return NotConfigured.missing(inv, ["OPS_PROXY_SERVICE"])
-        return lambda inv: self.restart_proxy(inv, unit)
+        return Plan(
+            lambda inv: self.restart_proxy(inv, unit), guard=self.spacing.guard(unit, own=False)
+        )
 
     async def restart_proxy(self, inv: Invocation, unit: str) -> Outcome:
         """Restart ``unit`` and wait for systemd's job."""

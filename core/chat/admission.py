@@ -1,9 +1,10 @@
 """Who may run a command here, and whether it may run now.
 
-:meth:`Admission.check` answers *who and where*: in a server, by the owner or a member with an
-ops role, in an allowed channel. :meth:`Admission.admit` answers *when*: not while the same
-command runs, not during its cooldown; it marks the command running until
-:meth:`Admission.done`. Each answer is a :class:`Refusal` or None.
+:meth:`Admission.check` answers *who and where*: in a server (one of ``OPS_GUILD_IDS`` when
+set), by the owner or a member with an ops role of that server, in an allowed channel.
+:meth:`Admission.admit` answers *when*: not while the same command runs, not during its
+cooldown; it marks the command running until :meth:`Admission.done`. Each answer is a
+:class:`Refusal` or None.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import discord
 import redis.asyncio as aioredis
@@ -23,19 +24,24 @@ from core.ops_exec import Cooldown
 from core.settings import Settings
 from core.text import format_duration
 
-__all__ = ["Admission", "Refusal", "RefusalStatus", "Running", "make_cooldowns"]
+__all__ = ["SERVER_ONLY", "Admission", "Refusal", "RefusalStatus", "Running", "make_cooldowns"]
 
 log = logging.getLogger("cogs.admin_ops.admission")
 
 #: Why a command was not run, as the audit record says it.
 RefusalStatus = Literal[
     "refused:dm",
+    "refused:guild",
     "refused:role",
     "refused:channel",
     "refused:config",
     "refused:running",
     "refused:cooldown",
+    "refused:recent",
 ]
+
+#: The answer to a command from a DM or from a server the operator did not list.
+SERVER_ONLY: Final = "These commands only work in a server."
 
 
 class Refusal(NamedTuple):
@@ -82,10 +88,15 @@ class Admission:
         return self._running
 
     async def check(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
-        """The first failing check of: server only, role, channel."""
-        if ctx.guild is None or not isinstance(ctx.author, discord.Member):
-            return Refusal("refused:dm", "These commands only work in a server.")
-        if not await self._may_run(ctx.author, command):
+        """The first failing check of: server only (a listed one), role, channel."""
+        guild = ctx.guild
+        if guild is None or not isinstance(ctx.author, discord.Member):
+            return Refusal("refused:dm", SERVER_ONLY)
+        listed = self.settings.guild_ids
+        # A stranger's server learns no more than a DM does, and not even the owner acts there.
+        if listed and guild.id not in listed:
+            return Refusal("refused:guild", SERVER_ONLY)
+        if not await self.may_run(ctx, command):
             return Refusal("refused:role", f"You need an ops role to run {shown(ctx, command)}.")
         allowed = self.settings.channel_ids
         # A thread counts as its parent channel.
@@ -96,24 +107,33 @@ class Admission:
             )
         return None
 
-    async def _may_run(self, member: discord.Member, command: str) -> bool:
-        """The application owner (or team) always; else a role from the settings."""
+    async def may_run(self, ctx: commands.Context[Any], command: str) -> bool:
+        """Whether ``ctx``'s author may run ``command`` in ``ctx``'s server.
+
+        The application owner (or team) always; else a role, from the settings, that the author
+        holds in the server the command came from.
+        """
+        member, guild = ctx.author, ctx.guild
+        if guild is None or not isinstance(member, discord.Member) or member.guild.id != guild.id:
+            return False
         try:
             if await self.bot.is_owner(member):
                 return True
         except discord.HTTPException as exc:
             log.warning("cannot look up the application owner: %s", exc)
+        # Only this server's roles: a role elsewhere says nothing about this server.
+        roles = [role for role in member.roles if role.guild.id == guild.id]
         role_ids = self.settings.role_ids_for(command)
-        if any(role.id in role_ids for role in member.roles):
+        if any(role.id in role_ids for role in roles):
             return True
         names = self.settings.admin_role_names
         if not names or self.settings.has_role_override(command):
             return False
         # Anyone can create a role with any name in a server of their own: names count only in
         # the servers the operator listed.
-        if member.guild.id not in self.settings.guild_ids:
+        if guild.id not in self.settings.guild_ids:
             return False
-        return any(role.name in names for role in member.roles)
+        return any(role.name in names for role in roles)
 
     async def admit(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
         """Refuse when the command is running or cooling down; else mark it running."""

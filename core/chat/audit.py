@@ -138,8 +138,14 @@ class AuditSink:
         self.stream = stream
         self.channel_id = channel_id
 
-    async def write(self, draft: AuditDraft, status: str, detail: str, duration: float) -> None:
-        """Record how ``draft``'s invocation ended: ``status``, ``detail``, after ``duration`` s."""
+    async def write(
+        self, draft: AuditDraft, status: str, detail: str, duration: float, *, post: bool = True
+    ) -> None:
+        """Record how ``draft``'s invocation ended: ``status``, ``detail``, after ``duration`` s.
+
+        The log line and the stream entry are always written; ``post=False`` leaves out the
+        audit channel's line (a refusal flood).
+        """
         record: dict[str, Any] = {
             "user_id": draft.user_id,
             "user": draft.user,
@@ -156,7 +162,8 @@ class AuditSink:
         }
         audit_log.info("%s", json.dumps(record, ensure_ascii=False))
         await self._add_to_stream(record)
-        await self._post(draft, status, duration)
+        if post:
+            await self._post(draft, status, duration)
 
     async def _add_to_stream(self, record: Mapping[str, Any]) -> None:
         if self.redis is None:

@@ -18,7 +18,7 @@ from typing import Final
 import redis.asyncio as aioredis
 
 from core.chat.fleet_board import FleetBoard, LiveMessage
-from core.chat.invocation import Action, Invocation, NotConfigured, Outcome
+from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Plan
 from core.chat.replies import Replies
 from core.control_ops import FleetResult, HostResult, Published, publish
 from core.names import DEFAULT_TARGET, target_name
@@ -96,8 +96,13 @@ class FleetCommands:
         title = f"📡 Fleet pull of {inline_code(name)}"
         return self._plan(config, FleetRequest("pull", (name,) if typed else (), title))
 
-    def configure_restart(self, inv: Invocation, typed: str) -> Action | NotConfigured:
-        """Restart the unit ``typed`` on every host that allows it."""
+    def configure_restart(self, inv: Invocation, typed: str) -> Plan | NotConfigured:
+        """Restart the unit ``typed`` on every host that allows it.
+
+        Restarting this bot's unit or its proxy's is what ``!bot_restart`` or
+        ``!proxy_restart`` does, so the invoker needs that command's role too. Names are
+        compared once validated: ``bot``, ``bot.service`` and ``OPS_BOT_SERVICE`` are one unit.
+        """
         config = self._config(inv)
         if isinstance(config, NotConfigured):
             return config
@@ -109,7 +114,15 @@ class FleetCommands:
         except ValueError as exc:
             return NotConfigured(f"{inv.shown} not sent: {exc}.")
         title = f"📡 Fleet restart of {inline_code(unit)}"
-        return self._plan(config, FleetRequest("restart", (unit,), title))
+        also_as = tuple(
+            command
+            for command, own in (
+                ("bot_restart", self.settings.bot_service),
+                ("proxy_restart", self.settings.proxy_service),
+            )
+            if own is not None and own == unit
+        )
+        return Plan(self._plan(config, FleetRequest("restart", (unit,), title)), also_as=also_as)
 
     def configure_status(self, inv: Invocation) -> Action | NotConfigured:
         """Ask every host for its status."""

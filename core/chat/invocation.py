@@ -1,15 +1,22 @@
 """One chat command from message to reply: the checks in a fixed order, the action, the record.
 
-:meth:`Pipeline.invoke` runs, for every command: server only → role → channel (who and where,
-:class:`~core.chat.admission.Admission`) → configured (the command's own ``configure``, asked
-only now, so only someone allowed to run the command learns how it is configured) → already
-running → cooldown (when) → the action → the reply → one audit record. A run that did not act
-gives its cooldown back here, so an operator may retry at once.
+:meth:`Pipeline.invoke` runs, for every command: server only (a listed one) → role → channel
+(who and where, :class:`~core.chat.admission.Admission`) → configured (the command's own
+``configure``, asked only now, so only someone allowed to run the command learns how it is
+configured) → the role of every command the plan also does (``!fleet_restart`` of the bot's
+unit is a ``!bot_restart`` too) → already running → cooldown (when) → the plan's guard (the
+unit restarted too recently) → the action → the reply → one audit record. A run that did not
+act gives its cooldown back here, so an operator may retry at once.
 
-``configure`` turns the settings and arguments into either an :data:`Action` that holds
-everything it needs, already resolved (the target, the unit, the fleet's client and secret),
-or :class:`NotConfigured`. An action returns an :class:`Outcome`, which says what to reply and
-what to record; it never decides about cooldowns or audit records itself.
+``configure`` turns the settings and arguments into an :data:`Action` (or a :class:`Plan` when
+the action needs more than the command's own checks) that holds everything it needs, already
+resolved (the target, the unit, the fleet's client and secret), or :class:`NotConfigured`. An
+action returns an :class:`Outcome`, which says what to reply and what to record; it never
+decides about cooldowns or audit records itself.
+
+The refusals of someone who may not run the command at all are answered and posted to the
+audit channel at a bounded rate (:class:`~core.chat.floods.RefusalFloodGate`); they are
+still logged and streamed every time.
 """
 
 from __future__ import annotations
@@ -24,15 +31,18 @@ from discord.ext import commands
 
 from core.chat.admission import Admission, Refusal, RefusalStatus
 from core.chat.audit import AuditDraft, AuditSink
+from core.chat.floods import RefusalFloodGate
 from core.chat.replies import Replies, shown
 
 __all__ = [
     "Action",
     "Configure",
+    "Guard",
     "Invocation",
     "NotConfigured",
     "Outcome",
     "Pipeline",
+    "Plan",
     "Reply",
     "Status",
 ]
@@ -96,18 +106,43 @@ class Invocation:
 
 #: What a command does, with everything it needs already resolved.
 Action = Callable[[Invocation], Awaitable[Outcome]]
+#: A last check, once the command is marked running and its cooldown taken: a refusal gives
+#: both back and runs nothing.
+Guard = Callable[[Invocation], Awaitable[Refusal | None]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An action that needs more than its command's own checks."""
+
+    action: Action
+    #: Commands whose role check the invoker must pass too: the action does what they do.
+    also_as: tuple[str, ...] = ()
+    guard: Guard | None = None
+
+
 #: Resolves a command's configuration and arguments; asked only after the role and channel.
-Configure = Callable[[Invocation], Action | NotConfigured]
+Configure = Callable[[Invocation], Action | Plan | NotConfigured]
 
 
 class Pipeline:
     """Run every command the same way: check, run at most once at a time, reply, record."""
 
-    def __init__(self, admission: Admission, audit: AuditSink, replies: Replies) -> None:
-        """Check with ``admission``, record in ``audit``, answer through ``replies``."""
+    def __init__(
+        self,
+        admission: Admission,
+        audit: AuditSink,
+        replies: Replies,
+        floods: RefusalFloodGate | None = None,
+    ) -> None:
+        """Check with ``admission``, record in ``audit``, answer through ``replies``.
+
+        ``floods`` holds back repeated refusals of people who may not run a command.
+        """
         self.admission = admission
         self.audit = audit
         self.replies = replies
+        self.floods = floods if floods is not None else RefusalFloodGate()
 
     async def invoke(
         self,
@@ -161,16 +196,46 @@ class Pipeline:
         planned = configure(inv)
         if isinstance(planned, NotConfigured):
             return Refusal("refused:config", planned.message)
+        plan = planned if isinstance(planned, Plan) else Plan(planned)
+        for other in plan.also_as:
+            if not await self.admission.may_run(ctx, other):
+                message = (
+                    f"You need an ops role to run {shown(ctx, other)}: "
+                    f"{inv.shown} would do the same here."
+                )
+                return Refusal("refused:role", message)
         refusal = await self.admission.admit(ctx, command)
-        return planned if refusal is None else refusal
+        return _guarded(plan) if refusal is None else refusal
 
     async def _conclude(
         self, inv: Invocation, outcome: Outcome, admitted: bool, duration: float
     ) -> None:
         """Reply, give the cooldown back to a run that did nothing, write the record."""
-        if outcome.reply is not None:
+        loud = self.floods.loudness(inv.draft.user_id, inv.command, outcome.status)
+        if outcome.reply is not None and loud.reply:
             await self.replies.reply(inv.ctx, *outcome.reply)
         if admitted and not outcome.acted:
             await self.admission.give_back(inv.command)
         if not outcome.recorded_by_next_process:
-            await self.audit.write(inv.draft, outcome.status, outcome.detail, duration)
+            await self.audit.write(
+                inv.draft, outcome.status, outcome.detail, duration, post=loud.post
+            )
+
+
+def _guarded(plan: Plan) -> Action:
+    """``plan``'s action, after its guard: admitted, so a refusal is an outcome that did nothing.
+
+    As an outcome it goes the way of every admitted run: the cooldown is given back (nothing
+    acted) and the command is no longer running, whatever the guard did.
+    """
+    guard, action = plan.guard, plan.action
+    if guard is None:
+        return action
+
+    async def run(inv: Invocation) -> Outcome:
+        refusal = await guard(inv)
+        if refusal is not None:
+            return Outcome(refusal.status, acted=False, reply=Reply(refusal.message))
+        return await action(inv)
+
+    return run

@@ -10,6 +10,9 @@ and exits with status 26 for its supervisor to start it again.
 
 The process that comes back replies "back online" to the ``!bot_restart`` message, unless the
 marker is older than :data:`~core.chat.markers.MARKER_MAX_AGE` (then only the record is written).
+
+``!bot_restart`` refuses while the bot's unit (or, without systemd's answer, this process)
+started less than ``OPS_RESTART_MIN_INTERVAL`` seconds ago (:mod:`core.chat.spacing`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import discord
 from discord.ext import commands
 
 from core.chat.audit import AuditDraft, AuditSink
-from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Reply
+from core.chat.invocation import Invocation, NotConfigured, Outcome, Plan, Reply
 from core.chat.markers import MARKER_MAX_AGE, RestartMarker, RestartMarkers
 from core.chat.process import RESTART_EXIT_STATUS
 from core.chat.replies import Replies, display_name
+from core.chat.spacing import RestartSpacing
 from core.ops_exec import git_head, request_restart
 from core.settings import Settings
 from core.text import format_duration, inline_code
@@ -49,23 +53,29 @@ class SelfRestart:
         audit: AuditSink,
         replies: Replies,
         exit_process: Callable[[int], None],
+        spacing: RestartSpacing | None = None,
     ) -> None:
-        """``exit_process`` ends the process in exit mode (tests pass a spy)."""
+        """``exit_process`` ends the process in exit mode (tests pass a spy).
+
+        ``spacing`` keeps restarts apart (default: ``settings.restart_min_interval``).
+        """
         self.bot = bot
         self.settings = settings
         self.markers = markers
         self.audit = audit
         self.replies = replies
         self.exit_process = exit_process
+        self.spacing = spacing or RestartSpacing(settings.restart_min_interval)
 
-    def configure(self, inv: Invocation) -> Action | NotConfigured:
+    def configure(self, inv: Invocation) -> Plan | NotConfigured:
         """Exit for a supervisor, or ask systemd to restart ``OPS_BOT_SERVICE``."""
-        if self.settings.restart_mode == "exit":
-            return self.restart_by_exit
         unit = self.settings.bot_service
+        guard = self.spacing.guard(unit, own=True)
+        if self.settings.restart_mode == "exit":
+            return Plan(self.restart_by_exit, guard=guard)
         if unit is None:
             return NotConfigured.missing(inv, ["OPS_BOT_SERVICE"])
-        return lambda inv: self.restart_by_systemd(inv, unit)
+        return Plan(lambda inv: self.restart_by_systemd(inv, unit), guard=guard)
 
     async def restart_by_systemd(self, inv: Invocation, unit: str) -> Outcome:
         """Reply, leave the marker with the audit draft, then ask systemd (without waiting)."""

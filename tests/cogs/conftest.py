@@ -5,6 +5,7 @@ The harness itself lives in :mod:`tests.support.chat`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import discord.ext.test as dpytest
 import pytest
 
+import core.chat.spacing as chat_spacing
 from tests.support.chat import (
     Harness,
     Sent,
@@ -54,6 +56,9 @@ async def harness(
     """Alice and Bob hold the ``ops`` role; Mallory holds none. The checkout is ``git_repos``."""
     # dpytest saves every sent attachment as ./dpytest_<n>.dat: keep them out of the project.
     monkeypatch.chdir(tmp_path)
+    # The bot has been up for an hour (the test process itself started moments ago): without
+    # systemd's answer, a restart of the bot is spaced from its process's start.
+    monkeypatch.setattr(chat_spacing, "process_started_at", lambda: time.time() - 3600)
     bot, config = await configured_bot()
     guild = config.guilds[0]
     ops_role = dpytest.backend.make_role("ops", guild)

@@ -483,14 +483,15 @@ async def test_per_command_role_override_applies_to_fleet_commands(
     edits: list[Edit],
 ):
     await dpytest.add_role(harness.outsider, harness.other_role)  # "deployers"
-    await fleet.start("web-1", restart_units=["proxy"])
+    # A unit that is neither the bot's nor its proxy's: those need their own command's role too.
+    await fleet.start("web-1", restart_units=["worker"])
     await fleet_cog(
         harness, redis_client, key_prefix, OPS_ROLE_IDS_FLEET_RESTART=str(harness.other_role.id)
     )
-    message = await harness.say("!fleet_restart proxy")  # alice: ops, but not a deployer
+    message = await harness.say("!fleet_restart worker")  # alice: ops, but not a deployer
     assert only_reply(sent, message).content == "You need an ops role to run `!fleet_restart`."
     assert await published_commands(redis_client, key_prefix) == []
-    message = await harness.say("!fleet_restart proxy", member=harness.outsider)
+    message = await harness.say("!fleet_restart worker", member=harness.outsider)
     assert FINAL_OK.search(final_text(sent, edits, message))
 
 
