@@ -40,7 +40,7 @@ from core.chat.fleet_board import FLEET_EDIT_INTERVAL, FleetBoard, LiveMessage
 from core.chat.floods import RefusalFloodGate
 from core.chat.in_process import InProcessDaemon
 from core.chat.invocation import Outcome, Pipeline
-from core.chat.markers import MARKER_MAX_AGE, RestartMarkers
+from core.chat.markers import MARKER_MAX_AGE, RestartMarkers, marker_key
 from core.chat.process import RESTART_EXIT_STATUS
 from core.chat.replies import NO_MENTIONS, Replies
 from core.chat.restart import SelfRestart
@@ -125,7 +125,11 @@ class AdminOps(commands.Cog):
         self.floods = RefusalFloodGate(clock=clock)
         self.pipeline = Pipeline(self.admission, self.audit, self.replies, self.floods)
         self.markers = RestartMarkers(
-            redis=redis, key=keys.restart_marker(host, unit), path=settings.marker_file
+            redis=redis,
+            key=keys.restart_marker(host, unit),
+            path=settings.marker_file,
+            signing_key=self._marker_key,
+            seen_path=settings.state_dir / "restart-marker-seen.json",
         )
         self.in_process = self._in_process_daemon()
         self._add_actions(exit_process or process.exit_process)
@@ -158,6 +162,17 @@ class AdminOps(commands.Cog):
             prefix=self.key_prefix,
             edit_interval=self.fleet_edit_interval,
         )
+
+    def _marker_key(self) -> bytes | None:
+        """What signs restart markers in Redis: derived from the bot's token, else the fleet's.
+
+        Asked at each use: the connection knows the token once the bot has logged in.
+        """
+        token = getattr(self.bot.http, "token", None)
+        for secret in (token, self.settings.discord_token, self.settings.control_secret):
+            if isinstance(secret, str) and secret:
+                return marker_key(secret)
+        return None
 
     def _in_process_daemon(self) -> InProcessDaemon | None:
         """The fleet daemon to host with ``OPS_CONTROL_IN_PROCESS=1``, on the cog's client."""

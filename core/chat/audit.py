@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -21,8 +22,10 @@ import redis.asyncio as aioredis
 from discord.ext import commands
 from redis.typing import EncodableT, FieldT
 
+from core.chat.fields import finite_number, snowflake
 from core.chat.replies import Replies, display_name
-from core.ops_exec import bounded, redis_errors
+from core.ops_exec import bounded, clean_text, redis_errors
+from core.settings import COMMANDS
 from core.text import format_duration, inline_code
 
 __all__ = ["AUDIT_LOGGER", "AUDIT_MAXLEN", "AuditDraft", "AuditSink"]
@@ -33,6 +36,14 @@ AUDIT_LOGGER: Final = "cogs.admin_ops.audit"
 AUDIT_MAXLEN: Final = 10_000
 #: The longest detail kept in a record.
 DETAIL_LIMIT: Final = 300
+
+# What a stored draft may hold: Discord's own limits, with room to spare (a display name with
+# its Markdown escaped may double).
+_NAME_LIMIT: Final = 200
+_PREFIX_LIMIT: Final = 32
+_ARG_LIMIT: Final = 2000
+_MAX_ARGS: Final = 8
+_INVOCATION_ID: Final = re.compile(r"[0-9a-f]{1,64}")
 
 # Trouble writing the trail goes to the cog's log, not into the trail itself.
 log = logging.getLogger("cogs.admin_ops")
@@ -94,29 +105,70 @@ class AuditDraft:
 
     @classmethod
     def from_json(cls, data: object) -> AuditDraft | None:
-        """The draft saved by :meth:`to_json`, or None when ``data`` is not one."""
+        """The draft saved by :meth:`to_json`, or None when ``data`` is not one.
+
+        Strict: every field must have the type and size this bot writes, so a draft that did
+        not come from here cannot become a record.
+        """
         if not isinstance(data, Mapping):
             return None
         try:
-            args = data["args"]
-            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                return None
-            return cls(
-                invocation=str(data["invocation"]),
-                user_id=int(data["user_id"]),
-                user=str(data["user"]),
-                user_shown=str(data["user_shown"]),
-                guild_id=None if data["guild_id"] is None else int(data["guild_id"]),
-                guild=None if data["guild"] is None else str(data["guild"]),
-                channel_id=int(data["channel_id"]),
-                channel=str(data["channel"]),
-                command=str(data["command"]),
-                args=tuple(args),
-                prefix=str(data["prefix"]),
-                started_at=float(data["started_at"]),
-            )
+            fields = {name: check(data[name]) for name, check in _DRAFT_FIELDS.items()}
         except (KeyError, TypeError, ValueError):
             return None
+        return cls(**fields)
+
+
+def _text(limit: int, *, one_line: bool = True) -> Callable[[object], str]:
+    """A text of at most ``limit`` characters; a name is one line without control characters."""
+
+    def check(value: object) -> str:
+        if not isinstance(value, str) or len(value) > limit:
+            raise ValueError(f"not a text of at most {limit} characters")
+        if one_line and (clean_text(value) != value or "\n" in value or "\t" in value):
+            raise ValueError("not a name")
+        return value
+
+    return check
+
+
+def _optional(check: Callable[[object], Any]) -> Callable[[object], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+def _args(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > _MAX_ARGS:
+        raise ValueError("not a list of arguments")
+    return tuple(_text(_ARG_LIMIT, one_line=False)(arg) for arg in value)
+
+
+def _command(value: object) -> str:
+    if value not in COMMANDS:
+        raise ValueError("not a command of this bot")
+    return str(value)
+
+
+def _invocation(value: object) -> str:
+    if not isinstance(value, str) or not _INVOCATION_ID.fullmatch(value):
+        raise ValueError("not an invocation id")
+    return value
+
+
+#: Each field of a stored draft and how it is checked.
+_DRAFT_FIELDS: Final[Mapping[str, Callable[[object], Any]]] = {
+    "invocation": _invocation,
+    "user_id": snowflake,
+    "user": _text(_NAME_LIMIT),
+    "user_shown": _text(2 * _NAME_LIMIT),
+    "guild_id": _optional(snowflake),
+    "guild": _optional(_text(_NAME_LIMIT)),
+    "channel_id": snowflake,
+    "channel": _text(_NAME_LIMIT),
+    "command": _command,
+    "args": _args,
+    "prefix": _text(_PREFIX_LIMIT),
+    "started_at": finite_number,
+}
 
 
 class AuditSink:
@@ -188,7 +240,9 @@ class AuditSink:
             log.warning("audit channel %s not found", self.channel_id)
             return
         typed = " ".join([f"{draft.prefix}{draft.command}", *draft.args])
-        where = f"#{draft.channel}" if draft.guild_id is not None else "a DM"
+        # A thread's name is free text: Markdown in it must not become a link.
+        channel_name = discord.utils.escape_markdown(draft.channel)
+        where = f"#{channel_name}" if draft.guild_id is not None else "a DM"
         line = (
             f"{inline_code(typed)} by {draft.user_shown} ({draft.user_id}) "
             f"in {where}: {status} ({format_duration(duration)})"

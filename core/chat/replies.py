@@ -1,7 +1,8 @@
 """The one place that sends the cog's messages: redacted, pinging nobody, within Discord's limit.
 
-Everything the cog shows goes through :class:`Replies`: the bot's token and every configured
-secret are removed first, ``AllowedMentions.none()`` is set, details go in a code block they
+Everything the cog shows goes through :class:`Replies`: escape sequences and control characters
+are removed (much of what is shown came from Redis, git or another host), then the bot's token
+and every configured secret, ``AllowedMentions.none()`` is set, details go in a code block they
 cannot break out of, and details too long for a message become a ``.txt`` attachment. A send
 that Discord refuses (or a dropped connection) is logged, never raised: a failed answer must not
 turn a finished action into an error.
@@ -20,7 +21,7 @@ import aiohttp
 import discord
 from discord.ext import commands
 
-from core.ops_exec import redact
+from core.ops_exec import clean_text, redact
 from core.settings import Settings
 from core.text import format_reply
 
@@ -66,8 +67,12 @@ class Replies:
         return (*base, token) if isinstance(token, str) and token else base
 
     def redact(self, text: str) -> str:
-        """``text`` without any secret."""
-        return redact(text, self.secrets)
+        """``text`` fit to show: no escape sequence, no control character, no secret.
+
+        Cleaned first, so a control character planted inside a secret cannot hide it from
+        redaction and then vanish.
+        """
+        return redact(clean_text(text), self.secrets)
 
     async def reply(
         self, ctx: commands.Context[Any], headline: str, details: str | None = None

@@ -10,6 +10,10 @@ and exits with status 26 for its supervisor to start it again.
 
 The process that comes back replies "back online" to the ``!bot_restart`` message, unless the
 marker is older than :data:`~core.chat.markers.MARKER_MAX_AGE` (then only the record is written).
+The notice holds nothing taken as text from the marker (a marker is data read back from
+storage): its age and the commits, shown only when they are hex, and it goes only to a channel
+where the commands are allowed. A marker that fails its checks is logged and dropped, with its
+audit draft.
 
 ``!bot_restart`` refuses while the bot's unit (or, without systemd's answer, this process)
 started less than ``OPS_RESTART_MIN_INTERVAL`` seconds ago (:mod:`core.chat.spacing`).
@@ -30,7 +34,7 @@ from core.chat.audit import AuditDraft, AuditSink
 from core.chat.invocation import Invocation, NotConfigured, Outcome, Plan, Reply
 from core.chat.markers import MARKER_MAX_AGE, RestartMarker, RestartMarkers
 from core.chat.process import RESTART_EXIT_STATUS
-from core.chat.replies import Replies, display_name
+from core.chat.replies import SEND_ERRORS, Replies, display_name
 from core.chat.spacing import RestartSpacing
 from core.ops_exec import git_head, request_restart
 from core.settings import Settings
@@ -147,18 +151,18 @@ class SelfRestart:
             return
         now = time.time()
         marker = RestartMarker.from_json(data)
-        draft = AuditDraft.from_json(data.get("audit"))
-        if draft is not None:
-            since = marker.requested_at if marker is not None else draft.started_at
-            detail = f"restart requested; back online after {format_duration(now - since)}"
-            await self.audit.write(draft, "ok", detail, now - draft.started_at)
         if marker is None:
-            log.warning("restart marker: malformed, discarded: %r", data)
+            # Its text is not logged: it may be whatever someone wanted in our log.
+            log.warning("restart marker: malformed, dropped with its audit draft")
             return
         age = now - marker.requested_at
+        draft = marker.audit
+        if draft is not None:
+            detail = f"restart requested; back online after {format_duration(age)}"
+            await self.audit.write(draft, "ok", detail, now - draft.started_at)
         if not 0 <= age <= MARKER_MAX_AGE:
             log.info(
-                "restart marker from %s is %s old; discarded without a notice",
+                "restart marker from %r is %s old; discarded without a notice",
                 marker.requester,
                 format_duration(age),
             )
@@ -167,11 +171,13 @@ class SelfRestart:
 
     async def _notify(self, marker: RestartMarker, text: str) -> None:
         now_at = await git_head(self.settings.repo_dir)
-        was = marker.commit
+        was = marker.commit  # hex, or None: checked when the marker was read
         if now_at and was and now_at != was:
             text += f" — now at {now_at} (was {was})"
-        elif now_at:
+        elif now_at and was:
             text += f" — still at {now_at}"
+        elif now_at:
+            text += f" — now at {now_at}"  # what ran before is not known
         channel = await self._find_channel(marker.channel_id)
         if channel is None:
             log.warning(
@@ -180,18 +186,41 @@ class SelfRestart:
                 text,
             )
             return
+        if not self._may_post_in(channel, marker):
+            log.warning(
+                "restart marker names channel %s, where the commands are not allowed: dropped",
+                marker.channel_id,
+            )
+            return
         original: discord.Message | None = None
         try:
             original = await channel.fetch_message(marker.message_id)
-        except discord.HTTPException:
-            original = None  # deleted, or no permission to read history: post in the channel
+        # Whatever fetching the request does (deleted, no permission to read history, a reset
+        # connection, a timeout, a bug in a library), the notice is already due: it goes to the
+        # channel without the reference rather than being lost with the task.
+        except Exception as exc:  # noqa: BLE001
+            log.info("back online: cannot fetch the restart request: %r", exc)
         await self.replies.post(channel, text, reference=original)
+
+    def _may_post_in(self, channel: discord.abc.Messageable, marker: RestartMarker) -> bool:
+        """Whether ``channel`` is one where the commands are allowed, and the marker's server."""
+        guild = getattr(channel, "guild", None)
+        if not isinstance(guild, discord.Guild):
+            return False  # the commands only work in a server
+        if marker.guild_id is not None and marker.guild_id != guild.id:
+            return False
+        if self.settings.guild_ids and guild.id not in self.settings.guild_ids:
+            return False
+        allowed = self.settings.channel_ids
+        channel_id = getattr(channel, "id", None)
+        return not allowed or channel_id in allowed or getattr(channel, "parent_id", 0) in allowed
 
     async def _find_channel(self, channel_id: int) -> discord.abc.Messageable | None:
         channel: Any = self.bot.get_channel(channel_id)
         if channel is None:
             try:
                 channel = await self.bot.fetch_channel(channel_id)
-            except (discord.HTTPException, discord.InvalidData):
+            except (*SEND_ERRORS, discord.InvalidData) as exc:
+                log.info("back online: cannot fetch channel %s: %r", channel_id, exc)
                 return None
         return channel if isinstance(channel, discord.abc.Messageable) else None

@@ -33,6 +33,7 @@ from tests.support.chat import (
     configured_bot,
     only_reply,
     replies_to,
+    stored_marker,
 )
 from tests.support.git import git
 from tests.support.processes import write_script
@@ -523,7 +524,7 @@ async def test_restart_replies_first_then_asks_systemd(
     [call] = systemctl.calls()
     assert call["argv"] == ["--no-block", "--no-ask-password", "restart", "--", "bot.service"]
     assert reply.at < call["at"]
-    marker = json.loads(await redis_client.get(cog.markers.key))
+    marker = stored_marker(await redis_client.get(cog.markers.key))
     assert marker["message_id"] == message.id
     assert marker["channel_id"] == harness.channel.id
     assert marker["requester_id"] == harness.admins[0].id
@@ -589,9 +590,9 @@ async def test_back_online_notice_replies_to_the_restart_request(
     cog = await harness.add_cog(redis=redis_client, key_prefix=key_prefix)
     message = await harness.say("!bot_restart")
     # Seven seconds pass and the new process runs a newer commit.
-    marker = json.loads(await redis_client.get(cog.markers.key))
+    marker = stored_marker(await redis_client.get(cog.markers.key))
     marker["requested_at"] -= 7
-    await redis_client.set(cog.markers.key, json.dumps(marker))
+    await redis_client.set(cog.markers.key, cog.markers.sealed(marker))
     git_repos.commit_upstream("New code")
     git(git_repos.clone, "pull", "-q", "--ff-only")
     after = git_repos.head()[:7]

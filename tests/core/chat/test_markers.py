@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from core.chat.audit import AuditDraft
-from core.chat.markers import MARKER_TTL, RestartMarker, RestartMarkers
+from core.chat.markers import (
+    MARKER_MAX_BYTES,
+    MARKER_TTL,
+    RestartMarker,
+    RestartMarkers,
+    marker_key,
+)
 from tests.support.redis_proc import free_port
+
+
+def signing_key() -> bytes:
+    """The key the markers sign with (asked for at each use, as the cog's is)."""
+    return marker_key("test-bot-token-value-0123456789")
 
 
 def draft(**changes: object) -> AuditDraft:
@@ -82,7 +95,9 @@ def test_an_audit_draft_rejects_what_it_did_not_write() -> None:
 async def test_markers_live_in_redis_with_a_ttl_and_are_taken_once(
     redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
 ) -> None:
-    markers = RestartMarkers(redis=redis_client, key=f"{key_prefix}:m", path=tmp_path / "m.json")
+    markers = RestartMarkers(
+        redis=redis_client, key=f"{key_prefix}:m", path=tmp_path / "m.json", signing_key=signing_key
+    )
     await markers.save({"requested_at": 1.0, "channel_id": 9})
     assert 0 < await redis_client.ttl(f"{key_prefix}:m") <= MARKER_TTL
     assert not markers.path.exists()
@@ -98,7 +113,9 @@ async def test_markers_fall_back_to_the_state_file_and_the_newest_wins(
     )
     path = tmp_path / "state" / "marker.json"
     try:
-        fallback = RestartMarkers(redis=dead, key=f"{key_prefix}:m", path=path)
+        fallback = RestartMarkers(
+            redis=dead, key=f"{key_prefix}:m", path=path, signing_key=signing_key
+        )
         await fallback.save({"requested_at": time.time(), "n": "file"})
         assert json.loads(path.read_text())["n"] == "file"
         assert await fallback.take() is not None  # Redis fails, the file answers
@@ -106,7 +123,9 @@ async def test_markers_fall_back_to_the_state_file_and_the_newest_wins(
     finally:
         await dead.aclose()
 
-    markers = RestartMarkers(redis=redis_client, key=f"{key_prefix}:m", path=path)
+    markers = RestartMarkers(
+        redis=redis_client, key=f"{key_prefix}:m", path=path, signing_key=signing_key
+    )
     path.write_text(json.dumps({"requested_at": 1.0, "n": "old file"}))
     await markers.save({"requested_at": 2.0, "n": "redis"})
     assert (await markers.take() or {})["n"] == "redis"
@@ -116,7 +135,9 @@ async def test_markers_fall_back_to_the_state_file_and_the_newest_wins(
 async def test_discard_forgets_the_marker_everywhere(
     redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
 ) -> None:
-    markers = RestartMarkers(redis=redis_client, key=f"{key_prefix}:m", path=tmp_path / "m.json")
+    markers = RestartMarkers(
+        redis=redis_client, key=f"{key_prefix}:m", path=tmp_path / "m.json", signing_key=signing_key
+    )
     markers.path.write_text("{}")
     await markers.save({"requested_at": 1.0})
     await markers.discard()
@@ -126,3 +147,139 @@ async def test_discard_forgets_the_marker_everywhere(
     markers.path.write_text("not json")
     await redis_client.set(f"{key_prefix}:m", "[1, 2]")
     assert await markers.take() is None
+
+
+# --------------------------------------------------------------------------------------------
+# What a Redis writer cannot do with a marker
+# --------------------------------------------------------------------------------------------
+
+GOOD = {"channel_id": 9, "message_id": 11, "requested_at": 1_700_000_001.0}
+
+
+def test_every_field_is_checked_not_converted() -> None:
+    """Numbers as text, booleans, NaN and infinities, oversized IDs: not a marker this bot wrote."""
+    assert RestartMarker.from_json(GOOD) is not None
+    for field, bad in [
+        ("channel_id", "9"),
+        ("channel_id", 9.0),
+        ("channel_id", True),
+        ("channel_id", 0),
+        ("channel_id", -9),
+        ("channel_id", 2**64),
+        ("message_id", "11"),
+        ("message_id", None),
+        ("requested_at", "1700000001"),
+        ("requested_at", float("nan")),
+        ("requested_at", float("inf")),
+        ("requested_at", True),
+        ("guild_id", "7"),
+        ("requester_id", 1.5),
+        ("requester", 42),
+        ("mode", "shell"),
+    ]:
+        assert RestartMarker.from_json({**GOOD, field: bad}) is None, (field, bad)
+
+
+def test_only_a_hex_commit_and_a_valid_unit_are_kept() -> None:
+    def commit(value: object) -> object:
+        marker = RestartMarker.from_json({**GOOD, "commit": value})
+        assert marker is not None
+        return marker.commit
+
+    assert commit("1a2b3c4") == "1a2b3c4"
+    assert commit("0" * 40) == "0" * 40
+    for bad in ["abc", "0" * 41, "# Heading", "[click](https://evil.example)", "1a2b 3c4", 1234567]:
+        assert commit(bad) is None, bad
+    marker = RestartMarker.from_json({**GOOD, "unit": "-H evil"})
+    assert marker is not None
+    assert marker.unit is None
+
+
+def test_a_forged_draft_is_not_a_draft() -> None:
+    data = draft().to_json()
+    for field, bad in [
+        ("command", "rm -rf"),
+        ("user_id", "42"),
+        ("user_id", True),
+        ("invocation", "not hex!"),
+        ("started_at", float("nan")),
+        ("args", ["x"] * 100),
+        ("args", ["x" * 5000]),
+        ("user_shown", "x" * 10_000),
+        ("prefix", None),
+    ]:
+        assert AuditDraft.from_json({**data, field: bad}) is None, (field, bad)
+
+
+async def test_an_unsigned_or_wrongly_signed_marker_in_redis_is_dropped(
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = f"{key_prefix}:m"
+    markers = RestartMarkers(
+        redis=redis_client, key=key, path=tmp_path / "m.json", signing_key=signing_key
+    )
+    forged = {**GOOD, "requested_at": time.time()}
+    other_key = RestartMarkers(
+        redis=redis_client, key=key, path=tmp_path / "m.json", signing_key=lambda: b"x" * 32
+    )
+    elsewhere = RestartMarkers(
+        redis=redis_client,
+        key=f"{key_prefix}:other",
+        path=tmp_path / "m.json",
+        signing_key=signing_key,
+    )
+    sealed = json.loads(markers.sealed(forged) or "")
+    tampered = json.dumps({**sealed, "payload": sealed["payload"].replace("11", "12")})
+    for stored in [
+        json.dumps(forged),  # the old, unsigned format
+        other_key.sealed(forged),  # signed with another key
+        elsewhere.sealed(forged),  # signed for another host's key
+        tampered,
+        json.dumps({"payload": sealed["payload"]}),
+        "[" * 50_000,  # deeper than the JSON parser goes
+        "x" * (MARKER_MAX_BYTES + 1),
+    ]:
+        assert stored is not None
+        await redis_client.set(key, stored)
+        with caplog.at_level(logging.WARNING, logger="cogs.admin_ops"):
+            assert await markers.take() is None
+        assert "unsigned or wrongly signed: dropped" in caplog.text
+        caplog.clear()
+    await redis_client.set(key, markers.sealed(forged) or "")
+    assert await markers.take() == forged
+
+
+async def test_without_a_key_markers_stay_out_of_redis(
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    key = f"{key_prefix}:m"
+    markers = RestartMarkers(redis=redis_client, key=key, path=tmp_path / "m.json")
+    await markers.save(GOOD)
+    assert await redis_client.exists(key) == 0
+    assert json.loads(markers.path.read_text()) == GOOD
+    assert markers.path.stat().st_mode & 0o777 == 0o600
+    # Nothing in Redis is read either: no key signed it.
+    await redis_client.set(key, json.dumps({**GOOD, "requested_at": time.time()}))
+    assert await markers.take() == GOOD
+
+
+async def test_a_marker_put_back_after_it_was_taken_is_a_replay(
+    redis_client: aioredis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    key = f"{key_prefix}:m"
+    markers = RestartMarkers(
+        redis=redis_client,
+        key=key,
+        path=tmp_path / "m.json",
+        signing_key=signing_key,
+        seen_path=tmp_path / "seen.json",
+    )
+    await markers.save(GOOD)
+    captured = await redis_client.get(key)
+    assert await markers.take() == GOOD
+    await redis_client.set(key, captured or b"")
+    assert await markers.take() is None
+    # The next restart's marker is newer, and is taken.
+    newer = {**GOOD, "requested_at": GOOD["requested_at"] + 60}
+    await markers.save(newer)
+    assert await markers.take() == newer
