@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -284,8 +285,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     bot = OpsBot(settings)
     # discord.py's own logging set-up, on the root logger so the cog's audit lines show too.
-    bot.run(settings.discord_token, root_logger=True)
+    discord.utils.setup_logging(root=True)
+    asyncio.run(serve(bot, settings.discord_token))
     return 0
+
+
+async def serve(bot: commands.Bot, token: str) -> None:
+    """Run ``bot`` until it closes; SIGTERM or SIGINT close it cleanly, and this returns.
+
+    systemd (like Docker and supervisord) stops a service with SIGTERM, which by default kills
+    Python on the spot: the gateway connection dropped rather than closed, the cog never
+    unloaded (an in-process fleet daemon not stopped). Cancelling the run instead ends whatever
+    it is doing (logging in, or the gateway loop), and ``async with`` closes the bot (cogs
+    unloaded, gateway closed with 1000, HTTP session closed) before the process exits 0.
+    """
+    loop = asyncio.get_running_loop()
+    run = asyncio.current_task()
+    stopping: list[int] = []
+
+    def stop(signum: int) -> None:
+        log.info("%s received: closing", signal.Signals(signum).name)
+        stopping.append(signum)
+        if run is not None:  # always, under asyncio.run
+            run.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        async with bot:
+            await bot.start(token)
+    except asyncio.CancelledError:
+        if not stopping:
+            raise  # not ours: let it propagate
 
 
 if __name__ == "__main__":
