@@ -1,0 +1,60 @@
+"""``!bot_restart`` in exit mode: two real ``bot.py`` processes, run as a supervisor would.
+
+The first replies, closes its connection and exits with status 26; the test, standing in for the
+supervisor (systemd's ``RestartForceExitStatus=26``, Docker, pm2), starts the next one, which
+posts the back-online notice in reply to the original message, fetched from the fake.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tests.support.fake_discord import FakeDiscord, pings_nobody
+from tests.support.fake_discord_bot import StartBot
+from tests.support.git import GitRepos
+
+#: Exit mode, and no wait between starts: a test cannot wait the default 60 s.
+EXIT_MODE = {"OPS_RESTART_MODE": "exit", "OPS_RESTART_MIN_INTERVAL": "0"}
+
+
+async def test_exit_mode_replies_exits_26_and_the_next_process_says_back_online(
+    start_bots: StartBot, fake_discord: FakeDiscord, git_repos: GitRepos
+) -> None:
+    first = await start_bots(**EXIT_MODE)
+    first_session = await first.wait_ready()
+
+    request = await fake_discord.post("!bot_restart", by=fake_discord.alice)
+    status = await first.wait_exit(timeout=20)
+
+    assert status == 26, first.output()
+    (restarting,) = fake_discord.replies_to(int(request["id"]))
+    assert restarting.content == "♻️ Restarting the bot (requested by alice)…"
+    assert pings_nobody(restarting.allowed_mentions)
+    # The reply went out before the connection closed, and the bot closed it rather than dropping
+    # it (1006): with 1000, or 4000 when discord.py's gateway loop, waiting for a message, sees
+    # the close that ``bot.close()`` (called from the command) starts and closes first.
+    assert first_session.closed
+    assert first_session.close_code in (1000, 4000)
+    assert first_session.closed_after_requests is not None
+    assert restarting.seq <= first_session.closed_after_requests
+
+    second = await start_bots(**EXIT_MODE)
+    second_session = await second.wait_ready(after=first_session.number)
+    notice = await second.until(
+        lambda: next(
+            (r for r in fake_discord.replies_to(int(request["id"])) if r is not restarting), None
+        ),
+        what="back-online notice",
+    )
+
+    head = git_repos.head()[:7]
+    assert notice.content is not None
+    assert re.fullmatch(rf"✅ Back online after \d+ s — still at {head}", notice.content)
+    assert pings_nobody(notice.allowed_mentions)
+    fetched = fake_discord.sent("GET /channels/{channel_id}/messages/{message_id}")
+    assert [r.params["message_id"] for r in fetched] == [request["id"]]
+    assert fetched[0].seq < notice.seq
+    # Sent by the second process: after its session was ready, with the first one long gone.
+    assert notice.seq > (first_session.closed_after_requests or 0)
+    assert not second_session.closed
+    assert fake_discord.unhandled() == []
