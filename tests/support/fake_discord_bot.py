@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,15 +157,22 @@ class BotProcess:
             await self._watcher
 
 
-async def start_bot(fake: FakeDiscord, env: Mapping[str, str], log_path: Path) -> BotProcess:
+async def start_bot(
+    fake: FakeDiscord,
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    argv: Sequence[str] | None = None,
+) -> BotProcess:
     """Start ``python bot.py`` (this interpreter, the checkout's ``bot.py``) with exactly ``env``.
 
-    A session of its own, so a terminal's Ctrl-C reaches only the test runner.
+    ``argv`` runs another program instead (another bot against the same fake). A session of its
+    own, so a terminal's Ctrl-C reaches only the test runner.
     """
+    argv = argv or [sys.executable, str(ROOT / "bot.py")]
     with open(log_path, "ab") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / "bot.py"),
+            *argv,
             cwd=ROOT,
             env=dict(env),
             stdin=subprocess.DEVNULL,
