@@ -17,6 +17,7 @@ import pytest
 from bot import OpsBot
 from core.settings import Settings
 from tests.support import ROOT
+from tests.support.fake_discord_bot import discord_site_env
 from tests.support.git import git
 from tests.support.redis_proc import free_port
 
@@ -262,15 +263,6 @@ def test_check_says_the_token_came_from_a_systemd_credential(
 
 # --- the running bot keeps its environment to itself -------------------------------------------
 
-# Test-only: points discord.py's REST base at a local socket that accepts and never answers, so
-# the real `python bot.py` goes through start-up and then waits in its login, offline.
-SITECUSTOMIZE = """
-import os
-base = os.environ.get("ADMIN_OPS_TEST_DISCORD_BASE")
-if base:
-    import discord.http
-    discord.http.Route.BASE = base
-"""
 CANARY = "canary-bot-token-MTIzNDU2Nzg5"
 
 
@@ -286,19 +278,19 @@ def as_unprivileged(argv: list[str]) -> list[str]:
 
 @pytest.fixture
 def bot_logging_in(tmp_path: Path) -> Iterator[int]:
-    """A real ``python bot.py`` holding a token, waiting for Discord to answer its login (PID)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    """A real ``python bot.py`` holding a token, waiting for Discord to answer its login (PID).
+
+    Its REST base is a local socket that accepts and never answers, so the bot goes through its
+    start-up and then waits in its login, offline.
+    """
     with socket.create_server(("127.0.0.1", 0)) as discord_stand_in:
         port = discord_stand_in.getsockname()[1]
         env = {
             "PATH": os.environ["PATH"],
             "HOME": os.environ["HOME"],
-            "PYTHONPATH": str(site),
             "DISCORD_TOKEN": CANARY,
             "OPS_STATE_DIR": str(tmp_path / "state"),
-            "ADMIN_OPS_TEST_DISCORD_BASE": f"http://127.0.0.1:{port}/api/v10",
+            **discord_site_env(f"http://127.0.0.1:{port}/api/v10"),
         }
         process = subprocess.Popen(
             as_unprivileged([sys.executable, str(ROOT / "bot.py")]),
