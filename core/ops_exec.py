@@ -807,12 +807,20 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
+#: State files are small; a larger one is not ours and is not parsed.
+MAX_STATE_FILE_BYTES = 1 << 20
+
+
 def read_json_file(path: str | os.PathLike[str]) -> Any | None:
-    """The JSON in ``path``, or None when it is missing or unreadable."""
+    """The JSON in ``path``, or None when it is missing, unreadable, too large or too deep."""
     try:
         with open(path, encoding="utf-8") as state:
-            return json.load(state)
-    except (OSError, ValueError):
+            text = state.read(MAX_STATE_FILE_BYTES + 1)
+        if len(text) > MAX_STATE_FILE_BYTES:
+            log.warning("%s is larger than %d bytes; ignored", path, MAX_STATE_FILE_BYTES)
+            return None
+        return json.loads(text)
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -305,3 +305,15 @@ async def test_a_state_file_edited_by_hand_counts_as_the_configured_length_at_mo
     cooldown = Cooldown(15, state_file=state)
     assert 0 < await cooldown.try_acquire("bot_pull") <= 15
     assert 0 < await cooldown.remaining("bot_pull") <= 15
+
+
+def test_a_state_file_too_deep_or_too_large_is_ignored(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 50_000 + "]" * 50_000)
+    assert read_json_file(deep) is None
+    large = tmp_path / "large.json"
+    large.write_text('{"k": "' + "x" * (2 << 20) + '"}')
+    assert read_json_file(large) is None
+    fine = tmp_path / "fine.json"
+    fine.write_text('{"k": 1}')
+    assert read_json_file(fine) == {"k": 1}
