@@ -1,17 +1,22 @@
-"""``!bot_restart`` in exit mode: two real ``bot.py`` processes, run as a supervisor would.
+"""``!bot_restart`` across two real ``bot.py`` processes, the test standing in for the supervisor.
 
-The first replies, closes its connection and exits with status 26; the test, standing in for the
-supervisor (systemd's ``RestartForceExitStatus=26``, Docker, pm2), starts the next one, which
-posts the back-online notice in reply to the original message, fetched from the fake.
+Exit mode: the first replies, closes its connection and exits with status 26; the test (as
+systemd's ``RestartForceExitStatus=26``, Docker or pm2 would) starts the next one, which posts
+the back-online notice in reply to the original message, fetched from the fake. systemd mode,
+with a ``systemctl`` that stops the unit the way systemd does (SIGTERM to the bot and to
+``systemctl`` itself): the same notice. tests/e2e/test_deployed.py does it under real systemd.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 from tests.support.fake_discord import FakeDiscord, pings_nobody
-from tests.support.fake_discord_bot import StartBot
+from tests.support.fake_discord_bot import BotProcess, StartBot
 from tests.support.git import GitRepos
+from tests.support.processes import write_script
 
 #: Exit mode, and no wait between starts: a test cannot wait the default 60 s.
 EXIT_MODE = {"OPS_RESTART_MODE": "exit", "OPS_RESTART_MIN_INTERVAL": "0"}
@@ -58,3 +63,54 @@ async def test_exit_mode_replies_exits_26_and_the_next_process_says_back_online(
     assert notice.seq > (first_session.closed_after_requests or 0)
     assert not second_session.closed
     assert fake_discord.unhandled() == []
+
+
+#: A systemctl whose ``restart`` does what systemd does to the unit's processes: SIGTERM to every
+#: process of the unit, here the bot (its parent) and itself, before it could print anything.
+STOPPING_SYSTEMCTL = """
+import os, signal, sys
+if "restart" in sys.argv:
+    os.kill(os.getppid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+print("active")
+"""
+
+
+async def next_notice(bot: BotProcess, fake: FakeDiscord, request_id: int, skip: object) -> str:
+    """The text of the next process's reply to ``request_id`` (other than ``skip``)."""
+    notice = await bot.until(
+        lambda: next((r for r in fake.replies_to(request_id) if r is not skip), None),
+        what="back-online notice",
+    )
+    assert notice.content is not None
+    assert pings_nobody(notice.allowed_mentions)
+    return notice.content
+
+
+async def test_systemd_mode_survives_the_sigterm_of_its_own_restart(
+    start_bots: StartBot, fake_discord: FakeDiscord, git_repos: GitRepos, tmp_path: Path
+) -> None:
+    """The SIGTERM that the restart brings must not make the bot drop its restart marker."""
+    systemctl = write_script(
+        tmp_path / "stopping-systemctl", STOPPING_SYSTEMCTL, interpreter=sys.executable
+    )
+    settings = {
+        "OPS_SYSTEMCTL": str(systemctl),
+        "OPS_BOT_SERVICE": "admin-ops-bot.service",
+        "OPS_RESTART_DELAY": "0",
+        "OPS_RESTART_MIN_INTERVAL": "0",
+    }
+    first = await start_bots(**settings)
+    first_session = await first.wait_ready()
+
+    request = await fake_discord.post("!bot_restart", by=fake_discord.alice)
+    status = await first.wait_exit(timeout=20)
+
+    assert status == 0, first.output()
+    (restarting,) = fake_discord.replies_to(int(request["id"]))
+    assert restarting.content == "♻️ Restarting `admin-ops-bot.service` (requested by alice)…"
+    second = await start_bots(**settings)
+    await second.wait_ready(after=first_session.number)
+    notice = await next_notice(second, fake_discord, int(request["id"]), restarting)
+    assert re.fullmatch(rf"✅ Back online after \d+ s — still at {git_repos.head()[:7]}", notice)
+    assert "SIGTERM received while restarting itself: leaving now" in first.output()
