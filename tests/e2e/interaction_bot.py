@@ -53,6 +53,25 @@ class InteractionBot(discord.Client):
         async def confirm(interaction: discord.Interaction) -> None:
             await interaction.response.send_message("Sure?", view=Confirm(interaction.user.id))
 
+        @self.tree.command(guild=GUILD, description="Post in the channel, then edit it")
+        async def note(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message("noted", ephemeral=True)
+            assert interaction.channel is not None
+            posted = await interaction.channel.send("draft")  # type: ignore[union-attr]
+            await posted.edit(content="final")
+
+        @self.tree.command(guild=GUILD, description="Pick a unit")
+        @app_commands.describe(name="The unit")
+        async def unit(interaction: discord.Interaction, name: str) -> None:
+            await interaction.response.send_message(f"picked {name}", ephemeral=True)
+
+        @unit.autocomplete("name")
+        async def unit_names(
+            interaction: discord.Interaction, typed: str
+        ) -> list[app_commands.Choice[str]]:
+            names = ("nginx.service", "bot.service", "worker.service")
+            return [app_commands.Choice(name=n, value=n) for n in names if n.startswith(typed)]
+
     async def setup_hook(self) -> None:
         await self.tree.sync(guild=GUILD)
 

@@ -50,12 +50,9 @@ async def test_guild_commands_are_registered_in_the_guild_only(
         what="guild command sync",
     )
     assert put.params["guild_id"] == str(fake_discord.guild.id)
-    assert sorted(c["name"] for c in put.json) == ["confirm", "ping", "slow"]
-    assert sorted(c["name"] for c in fake_discord.commands[fake_discord.guild.id]) == [
-        "confirm",
-        "ping",
-        "slow",
-    ]
+    names = ["confirm", "note", "ping", "slow", "unit"]
+    assert sorted(c["name"] for c in put.json) == names
+    assert sorted(c["name"] for c in fake_discord.commands[fake_discord.guild.id]) == names
     assert fake_discord.sent("PUT /applications/{application_id}/commands") == []
     assert fake_discord.commands[None] == []
 
@@ -134,3 +131,42 @@ async def test_a_button_pressed_by_someone_else_then_by_the_invoker(
     stored = fake_discord.messages[asked.original_id]
     assert stored["content"] == "Confirmed."
     assert fake_discord.unhandled() == []
+
+
+async def test_a_channel_message_sent_then_edited(
+    interaction_bot: BotProcess, fake_discord: FakeDiscord
+) -> None:
+    await fake_discord.invoke("note", by=fake_discord.alice)
+
+    edit = await interaction_bot.until(
+        lambda: next(
+            iter(fake_discord.sent("PATCH /channels/{channel_id}/messages/{message_id}")), None
+        ),
+        what="message edit",
+    )
+
+    (posted,) = fake_discord.sent()
+    assert posted.content == "draft"
+    assert edit.params["message_id"] == str(posted.created_id)
+    assert edit.content == "final"
+    assert fake_discord.messages[posted.created_id or 0]["content"] == "final"
+
+
+async def test_autocomplete_then_the_command_with_the_chosen_value(
+    interaction_bot: BotProcess, fake_discord: FakeDiscord
+) -> None:
+    typing = await fake_discord.autocomplete("unit", "name", "ng", by=fake_discord.alice)
+    (suggested,) = await interaction_bot.until(
+        lambda: callbacks(fake_discord, typing.token), what="autocomplete result"
+    )
+    chosen = suggested.body["choices"][0]["value"]
+    asked = await fake_discord.invoke(
+        "unit", by=fake_discord.alice, options=[{"name": "name", "type": 3, "value": chosen}]
+    )
+    (answer,) = await interaction_bot.until(
+        lambda: callbacks(fake_discord, asked.token), what="answer"
+    )
+
+    assert suggested.json["type"] == 8
+    assert suggested.body["choices"] == [{"name": "nginx.service", "value": "nginx.service"}]
+    assert answer.content == "picked nginx.service"

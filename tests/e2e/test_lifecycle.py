@@ -22,6 +22,7 @@ async def test_the_bot_logs_in_with_its_token_and_asks_for_the_intents_it_needs(
     ]
     assert all(r.authorization == f"Bot {fake_discord.token}" for r in fake_discord.requests)
     assert session.query == {"v": "10", "encoding": "json", "compress": "zlib-stream"}
+    assert session.heartbeats >= 1  # discord.py beats once on HELLO, and got its ACK
     assert session.identify is not None
     intents = session.identify["intents"]
     assert intents & (1 << 15), "message content"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.chat import SystemctlStub
 from tests.support.fake_discord import FakeDiscord, pings_nobody
 from tests.support.fake_discord_bot import StartBot
+from tests.support.fake_discord_payloads import FakeUser
 from tests.support.git import GitRepos, git
 
 
@@ -79,15 +82,20 @@ async def test_a_member_without_the_role_is_refused_and_nothing_runs(
     assert fake_discord.sent("POST /channels/{channel_id}/typing") == []
 
 
-async def test_the_application_owner_needs_no_role(
-    start_bots: StartBot, fake_discord: FakeDiscord
+@pytest.mark.parametrize("through", ["owner", "team"])
+async def test_the_application_owner_or_a_team_admin_needs_no_role(
+    start_bots: StartBot, fake_discord: FakeDiscord, through: str
 ) -> None:
-    """discord.py learns the owner from ``GET /oauth2/applications/@me``."""
-    owner = fake_discord.add_member(fake_discord.owner)
+    """discord.py learns who owns the bot from ``GET /oauth2/applications/@me``."""
+    user = fake_discord.owner
+    if through == "team":
+        user = FakeUser(fake_discord.ids(), "tess")
+        fake_discord.team = [user]
+    member = fake_discord.add_member(user)
     bot = await start_bots()
     await bot.wait_ready()
 
-    message = await fake_discord.post("!ops_status", by=owner)
+    message = await fake_discord.post("!ops_status", by=member)
     reply = await bot.reply_to(message)
 
     assert reply.content is not None

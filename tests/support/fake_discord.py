@@ -405,6 +405,23 @@ class FakeDiscord:
         await self._current().dispatch("MESSAGE_CREATE", data)
         return data
 
+    def command_data(self, name: str, options: list[dict[str, Any]]) -> dict[str, Any]:
+        """An application command interaction's ``data`` for ``/name`` in the guild.
+
+        The ID is the registered command's (its ``PUT``), else a new one, as for a command
+        registered some other way.
+        """
+        registered = next(
+            (c for c in self.commands.get(self.guild.id, []) if c["name"] == name), None
+        )
+        return {
+            "id": registered["id"] if registered else str(self.ids()),
+            "name": name,
+            "type": 1,
+            "guild_id": str(self.guild.id),
+            "options": options,
+        }
+
     async def invoke(
         self,
         name: str,
@@ -413,18 +430,19 @@ class FakeDiscord:
         options: list[dict[str, Any]] | None = None,
         channel: p.FakeChannel | None = None,
     ) -> InteractionState:
-        """``by`` runs the slash command ``name`` (INTERACTION_CREATE, type 2)."""
-        registered = next(
-            (c for c in self.commands.get(self.guild.id, []) if c["name"] == name), None
-        )
-        data: dict[str, Any] = {
-            "id": registered["id"] if registered else str(self.ids()),
-            "name": name,
-            "type": 1,
-            "guild_id": str(self.guild.id),
-            "options": options or [],
-        }
-        return await self._interact(p.APPLICATION_COMMAND, data, by, channel or self.channel)
+        """``by`` runs the slash command ``name`` (INTERACTION_CREATE, type 2).
+
+        ``options`` as Discord sends them: ``{"name": ..., "type": 3, "value": ...}``.
+        """
+        data = self.command_data(name, options or [])
+        return await self.interact(p.APPLICATION_COMMAND, data, by=by, channel=channel)
+
+    async def autocomplete(
+        self, name: str, option: str, typed: str, *, by: p.FakeMember
+    ) -> InteractionState:
+        """``by`` types ``typed`` into the string option ``option`` of ``/name`` (type 4)."""
+        focused = {"name": option, "type": 3, "value": typed, "focused": True}
+        return await self.interact(p.AUTOCOMPLETE, self.command_data(name, [focused]), by=by)
 
     async def press(
         self, message_id: int, custom_id: str, *, by: p.FakeMember, component_type: int = 2
@@ -434,16 +452,21 @@ class FakeDiscord:
         channel = self.guild.channel(int(message["channel_id"]))
         assert channel is not None
         data = {"custom_id": custom_id, "component_type": component_type}
-        return await self._interact(p.MESSAGE_COMPONENT, data, by, channel, message)
+        return await self.interact(
+            p.MESSAGE_COMPONENT, data, by=by, channel=channel, message=message
+        )
 
-    async def _interact(
+    async def interact(
         self,
         kind: int,
         data: dict[str, Any],
+        *,
         by: p.FakeMember,
-        channel: p.FakeChannel,
+        channel: p.FakeChannel | None = None,
         message: dict[str, Any] | None = None,
     ) -> InteractionState:
+        """Dispatch an INTERACTION_CREATE of type ``kind`` with ``data`` (any interaction)."""
+        channel = channel or self.channel
         state = InteractionState(
             id=self.ids(),
             token=f"interaction-{secrets.token_urlsafe(24)}",

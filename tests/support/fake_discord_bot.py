@@ -83,12 +83,9 @@ class BotProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def _alive(self) -> None:
-        """Raise, with the bot's output, when the process has ended."""
+        """Raise when the process has ended (:meth:`until` adds its output)."""
         if self.process.returncode is not None:
-            raise AssertionError(
-                f"bot.py (pid {self.pid}) exited with {self.process.returncode}:\n"
-                f"{self.output()[-4000:]}"
-            )
+            raise AssertionError(f"bot.py (pid {self.pid}) exited with {self.process.returncode}")
 
     async def until(
         self, condition: Callable[[], T | None], *, timeout: float = 20.0, what: str = "it"

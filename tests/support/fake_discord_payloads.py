@@ -27,6 +27,7 @@ EPHEMERAL = 1 << 6
 #: Interaction types.
 APPLICATION_COMMAND = 2
 MESSAGE_COMPONENT = 3
+AUTOCOMPLETE = 4
 #: Channel types.
 GUILD_TEXT = 0
 
