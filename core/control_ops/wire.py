@@ -8,37 +8,50 @@ stream reply is read.
 
 from __future__ import annotations
 
+import functools
 import hmac
-import inspect
 import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _json_string
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from core.names import DEFAULT_KEY_PREFIX, Keys
-from core.ops_exec import as_text
+# Reading stream replies has a module of its own; its names stay importable from here.
+from core.control_ops.streams import (
+    MAX_BLOCK_SECONDS,
+    read_block_seconds,
+    stream_entries,
+    stream_pairs,
+)
+from core.names import DEFAULT_KEY_PREFIX, IDENTITY, Keys
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
+    pass
 
 __all__ = [
     "ALREADY_HANDLED",
+    "COMMAND_ENTRY_LIMIT",
     "COMMAND_STREAM_MAXLEN",
     "DEFAULT_COMMAND_TTL",
     "DEFAULT_PREFIX",
+    "HEARTBEAT_FIELDS",
     "HEARTBEAT_TTL",
+    "HEARTBEAT_VALUE_LIMIT",
     "INTERRUPTED",
     "MARKER_GRACE_SECONDS",
     "MAX_BLOCK_SECONDS",
+    "MAX_CLOCK_SKEW",
     "MAX_COMMAND_TTL",
+    "MAX_FLEET_HOSTS",
     "NOT_ALLOWED",
     "OPS",
     "READ_ONLY_OPS",
+    "RESULT_ENTRY_LIMIT",
     "RESULT_FIELDS",
+    "RESULT_SIGNED_FIELDS",
     "RESULT_TTL_SECONDS",
     "SIGNED_FIELDS",
     "SUMMARY_LIMIT",
@@ -47,19 +60,30 @@ __all__ = [
     "HostResult",
     "Published",
     "SignedCommand",
+    "Untrusted",
     "build_command",
+    "canonical_json",
     "canonical_payload",
+    "check_fresh",
+    "check_time",
     "command_stream_key",
+    "cut_summary",
     "heartbeat_key",
+    "heartbeat_value",
     "hosts_index_key",
     "parse_result_fields",
     "ran_marker_key",
     "read_block_seconds",
     "result_fields",
+    "result_payload",
     "results_key",
     "sign_fields",
+    "sign_result",
     "stream_entries",
+    "stream_pairs",
     "verify_command",
+    "verify_heartbeat",
+    "verify_result",
     "verify_signature",
 ]
 
@@ -67,14 +91,25 @@ __all__ = [
 DEFAULT_PREFIX: Final = DEFAULT_KEY_PREFIX
 #: The fields the signature covers, in the order a command lists them.
 SIGNED_FIELDS: Final = ("id", "op", "args", "requested_by", "issued_at", "expires_at")
-# Plain ASCII identifiers: JSON-encoded as themselves in quotes.
-_SORTED_SIGNED_FIELDS: Final = tuple(sorted(SIGNED_FIELDS))
 #: The ops a daemon knows.
 OPS: Final = ("ping", "status", "pull", "restart")
 #: Ops without side effects: answered in one step that also claims the command id.
 READ_ONLY_OPS: Final = frozenset({"ping", "status"})
 #: The fields of a result entry, in the order a daemon writes them.
-RESULT_FIELDS: Final = ("host", "ok", "ran", "summary", "duration")
+RESULT_FIELDS: Final = ("host", "ok", "ran", "summary", "duration", "sig")
+#: What a result's signature covers: the command's id (from the stream's key) and every field.
+RESULT_SIGNED_FIELDS: Final = ("command_id", "host", "ok", "ran", "summary", "duration")
+#: The fields of a heartbeat's value, all signed (plus ``sig``): who, where, what it may do, when.
+HEARTBEAT_FIELDS: Final = (
+    "identity",
+    "hostname",
+    "pid",
+    "version",
+    "started_at",
+    "sent_at",
+    "pull_targets",
+    "restart_units",
+)
 
 #: The summary of a command this host does not run (its allow-list does not name the target).
 NOT_ALLOWED: Final = "refused: not allowed on this host"
@@ -100,12 +135,27 @@ MARKER_GRACE_SECONDS: Final = 86_400
 MAX_COMMAND_TTL: Final = 86_400.0
 #: How long a command published without an explicit ``ttl`` stays valid.
 DEFAULT_COMMAND_TTL: Final = 120.0
-#: The longest blocking stream read. XREADGROUP BLOCK must stay below the client's socket
-#: timeout, or redis-py reports a timeout on a healthy idle connection (redis-py does not
-#: stretch the read timeout for stream reads).
-MAX_BLOCK_SECONDS: Final = 5.0
 #: The longest summary a daemon writes, in characters (a longer one is cut, marked `` […]``).
 SUMMARY_LIMIT: Final = 4000
+#: How far apart two hosts' clocks may be, in seconds. A command issued further than this in
+#: the future is refused (so a host never has to remember a command id for longer than a
+#: validity), a host remembers the ids it ran this long past their expiry, and a heartbeat
+#: this far from the reader's clock is not fresh. The chat's validity slack is this value.
+MAX_CLOCK_SKEW: Final = 30.0
+#: The most hosts one publisher considers: the hosts index is read at most this many members
+#: at a time, so a flooded index costs a bounded reply.
+MAX_FLEET_HOSTS: Final = 1000
+#: The largest heartbeat value a publisher parses, in bytes (a daemon's is well under 4 KiB).
+HEARTBEAT_VALUE_LIMIT: Final = 4096
+#: The largest result entry a publisher accepts, in bytes of field names and values: a summary
+#: of SUMMARY_LIMIT characters of up to 4 bytes each in UTF-8, its cut marker and the short fields.
+RESULT_ENTRY_LIMIT: Final = 4 * SUMMARY_LIMIT + 1024
+#: The largest command entry a daemon looks at, in bytes of field names and values. A real
+#: command is a few hundred bytes; a larger entry is answered "malformed" before its signature
+#: is computed, so forged megabytes cost a daemon next to nothing.
+COMMAND_ENTRY_LIMIT: Final = 64 * 1024
+# What a summary cut to SUMMARY_LIMIT ends with.
+_CUT_MARK: Final = " […]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,25 +208,64 @@ class SignedCommand(NamedTuple):
     expires_at: float
 
 
-def canonical_payload(fields: Mapping[str, str]) -> bytes:
-    """The exact bytes the signature covers: canonical JSON of the six signed fields."""
-    signed = {name: fields[name] for name in SIGNED_FIELDS}
-    if all(isinstance(value, str) for value in signed.values()):
+def canonical_json(fields: Mapping[str, str]) -> bytes:
+    """The bytes a signature covers: ``fields`` as canonical JSON (docs/fleet-protocol.md §3).
+
+    Keys in code point order, no whitespace, every string escaped to printable ASCII: what
+    ``json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` writes.
+    """
+    if all(isinstance(name, str) and isinstance(value, str) for name, value in fields.items()):
         # Byte for byte what the json.dumps below gives for string values (the same C string
         # encoder, the keys in sorted order, no spaces), without its generic machinery: every
-        # daemon computes this for every command.
+        # daemon computes this for every command, every publisher for every answer.
         # A list, not a generator: join() builds one from a generator first anyway.
         body = ",".join(
-            [f'"{name}":{_json_string(signed[name])}' for name in _SORTED_SIGNED_FIELDS]
+            [f"{_json_string(name)}:{_json_string(fields[name])}" for name in sorted(fields)]
         )
         return ("{" + body + "}").encode()
-    return json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps(
+        dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    ).encode()
+
+
+def canonical_payload(fields: Mapping[str, str]) -> bytes:
+    """The exact bytes a command's signature covers: canonical JSON of the six signed fields."""
+    try:
+        # canonical_json spelt out for the one fixed key set (in code point order): every
+        # daemon checks every command. The encoder refuses a value that is not a str.
+        return (
+            f'{{"args":{_json_string(fields["args"])},'
+            f'"expires_at":{_json_string(fields["expires_at"])},'
+            f'"id":{_json_string(fields["id"])},'
+            f'"issued_at":{_json_string(fields["issued_at"])},'
+            f'"op":{_json_string(fields["op"])},'
+            f'"requested_by":{_json_string(fields["requested_by"])}}}'
+        ).encode()
+    except TypeError:
+        return canonical_json({name: fields[name] for name in SIGNED_FIELDS})
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: str) -> Any:
+    """HMAC-SHA256 keyed with ``secret``, ready to copy: the key is prepared once, not per call."""
+    return hmac.new(secret.encode(), digestmod="sha256")
+
+
+def _hmac_hex(secret: str, payload: bytes) -> str:
+    mac = _keyed(secret).copy()
+    mac.update(payload)
+    return str(mac.hexdigest())
+
+
+def _same_signature(expected: str, given: str) -> bool:
+    """Constant-time comparison of a computed signature with an untrusted one."""
+    # Compare bytes: compare_digest refuses non-ASCII str, and the given value is untrusted.
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
 def sign_fields(fields: Mapping[str, str], secret: str) -> str:
     """Lower-case hex HMAC-SHA256 of :func:`canonical_payload`, keyed with the shared secret."""
-    # hmac.digest: the one-shot (C) form of hmac.new(...).digest(), same bytes, less overhead.
-    return hmac.digest(secret.encode(), canonical_payload(fields), "sha256").hex()
+    return _hmac_hex(secret, canonical_payload(fields))
 
 
 def build_command(
@@ -213,9 +302,7 @@ def verify_signature(fields: Mapping[str, str], secret: str) -> SignedCommand:
     """Check the signature (constant time) and parse the fields; raise CommandRejected."""
     if any(name not in fields for name in SIGNED_FIELDS) or "sig" not in fields:
         raise CommandRejected("rejected: bad signature")
-    expected = sign_fields(fields, secret)
-    # Compare bytes: compare_digest refuses non-ASCII str, and the given value is untrusted.
-    if not hmac.compare_digest(expected.encode(), fields["sig"].encode("utf-8", "replace")):
+    if not _same_signature(sign_fields(fields, secret), fields["sig"]):
         raise CommandRejected("rejected: bad signature")
     # Past this point the fields come from a holder of the secret; a parse error is a tool bug.
     try:
@@ -242,13 +329,24 @@ def verify_signature(fields: Mapping[str, str], secret: str) -> SignedCommand:
     )
 
 
+def check_time(command: SignedCommand, now: float) -> None:
+    """Raise CommandRejected unless ``command`` may run at ``now`` (this host's clock).
+
+    Expired: past ``expires_at``. Issued more than MAX_CLOCK_SKEW in the future: refused, so
+    that no host ever has to remember a command for longer than its validity plus the skew.
+    """
+    if now > command.expires_at:
+        raise CommandRejected("rejected: expired")
+    if command.issued_at > now + MAX_CLOCK_SKEW:
+        raise CommandRejected("rejected: issued in the future")
+
+
 def verify_command(
     fields: Mapping[str, str], secret: str, *, now: float | None = None
 ) -> SignedCommand:
-    """:func:`verify_signature` plus the expiry check, for tools that consume commands."""
+    """:func:`verify_signature` plus :func:`check_time`, for tools that consume commands."""
     command = verify_signature(fields, secret)
-    if (time.time() if now is None else now) > command.expires_at:
-        raise CommandRejected("rejected: expired")
+    check_time(command, time.time() if now is None else now)
     return command
 
 
@@ -278,21 +376,23 @@ class Published(NamedTuple):
 
 @dataclass(frozen=True)
 class FleetResult:
-    """The fleet's answers to one command."""
+    """The fleet's answers to one command.
+
+    ``results`` holds the first verified answer of each expected host; ``ignored`` counts the
+    heartbeats and result entries the publisher did not believe, by reason (``bad signature``,
+    ``not expected``…): forged, stale, oversized or malformed.
+    """
 
     command_id: str
     results: dict[str, HostResult]
     silent: frozenset[str]
     expected: frozenset[str] = field(default_factory=frozenset)
     elapsed: float = 0.0
+    ignored: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """At least one host was expected, every expected host answered ok, and no host failed.
-
-        A host that came up after publishing and answered counts only against ``ok`` when it
-        failed: an operator must see a failure wherever it happened.
-        """
+        """At least one host was expected, every expected host answered ok, and no host failed."""
         if not self.expected or self.silent:
             return False
         if any(host not in self.results or not self.results[host].ok for host in self.expected):
@@ -300,89 +400,156 @@ class FleetResult:
         return all(result.ok for result in self.results.values())
 
 
-def result_fields(result: HostResult) -> dict[str, str]:
-    """A result as the string fields of its stream entry."""
-    return {
+class Untrusted(Exception):
+    """An entry a reader must not believe; ``str(exc)`` is the reason, a short phrase."""
+
+
+def cut_summary(summary: str) -> str:
+    """``summary`` cut to SUMMARY_LIMIT characters, marked `` […]``; cutting twice changes nothing.
+
+    Daemons cut what they write; readers cut what they read before anything else looks at it.
+    """
+    if len(summary) <= SUMMARY_LIMIT:
+        return summary
+    return summary[:SUMMARY_LIMIT] + _CUT_MARK
+
+
+def result_fields(
+    result: HostResult, *, command_id: str | None = None, secret: str | None = None
+) -> dict[str, str]:
+    """A result as the string fields of its stream entry; signed when given the secret."""
+    fields = {
         "host": result.host,
         "ok": "1" if result.ok else "0",
         "ran": "1" if result.ran else "0",
         "summary": result.summary,
         "duration": f"{result.duration:.3f}",
     }
+    if secret is not None and command_id is not None:
+        fields["sig"] = sign_result(command_id, fields, secret)
+    return fields
 
 
-def parse_result_fields(fields: Mapping[str, str]) -> HostResult | None:
-    """A result entry as a HostResult; None when it is not one (so a stray entry is skipped)."""
-    host = fields.get("host")
-    if not host:
-        return None
+def result_payload(command_id: str, fields: Mapping[str, str]) -> bytes:
+    """The bytes a result's signature covers: canonical JSON of RESULT_SIGNED_FIELDS."""
     try:
-        duration = float(fields.get("duration", "0"))
+        # canonical_json spelt out, keys in code point order: every daemon signs and every
+        # publisher checks each answer. The encoder refuses a value that is not a str.
+        return (
+            f'{{"command_id":{_json_string(command_id)},'
+            f'"duration":{_json_string(fields["duration"])},'
+            f'"host":{_json_string(fields["host"])},'
+            f'"ok":{_json_string(fields["ok"])},'
+            f'"ran":{_json_string(fields["ran"])},'
+            f'"summary":{_json_string(fields["summary"])}}}'
+        ).encode()
+    except TypeError:
+        signed = {"command_id": command_id}
+        signed.update((name, fields[name]) for name in RESULT_SIGNED_FIELDS[1:])
+        return canonical_json(signed)
+
+
+def sign_result(command_id: str, fields: Mapping[str, str], secret: str) -> str:
+    """The signature of one host's answer to ``command_id``: over the id and every field."""
+    return _hmac_hex(secret, result_payload(command_id, fields))
+
+
+def _result(fields: Mapping[str, str], host: str) -> HostResult:
+    try:
+        duration = float(fields.get("duration", "0")[:32])
     except ValueError:
         duration = 0.0
     return HostResult(
         host=host,
         ok=fields.get("ok") == "1",
         ran=fields.get("ran") == "1",
-        summary=fields.get("summary", ""),
-        duration=duration,
+        summary=cut_summary(fields.get("summary", "")),
+        duration=duration if math.isfinite(duration) else 0.0,
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading streams
-# ---------------------------------------------------------------------------------------------
+def verify_result(
+    fields: Mapping[str, str], command_id: str, secret: str, *, host_checked: bool = False
+) -> HostResult:
+    """A result entry whose signature checks out, as a HostResult; else raise Untrusted.
 
-
-def _entries_per_stream(response: Any) -> Iterable[Any]:
-    """Each stream's entry list: RESP2 replies are ``[[stream, entries], ...]``, RESP3 a dict."""
-    if not response:
-        return ()
-    if isinstance(response, dict):
-        return response.values()
-    return (entries for _stream, entries in response)
-
-
-def stream_entries(response: Any) -> list[tuple[str, dict[str, str]]]:
-    """Flatten an XREAD/XREADGROUP reply into ``(entry id, fields)``.
-
-    redis-py returns a list of ``[stream, entries]`` with RESP2 and a dict with RESP3 (where
-    each value may be wrapped in one more list); the client is the caller's, so accept both.
-    A trimmed entry that is still pending comes back with no fields.
+    The host name must be an identity (so at most 64 characters) before anything else looks
+    at the entry (``host_checked``: the caller found it among the identities it expects); the
+    summary is cut to SUMMARY_LIMIT before the caller sees it.
     """
-    flat: list[tuple[str, dict[str, str]]] = []
-    for entries in _entries_per_stream(response):
-        if entries and isinstance(entries[0], list):
-            entries = [entry for group in entries for entry in group]
-        for entry_id, raw in entries or ():
-            fields = {as_text(k): as_text(v) for k, v in (raw or {}).items()}
-            flat.append((as_text(entry_id), fields))
-    return flat
+    host = fields.get("host", "")
+    if not host_checked and not IDENTITY.fullmatch(host):
+        raise Untrusted("bad host name")
+    if not fields.get("sig"):
+        raise Untrusted("unsigned")
+    if not _same_signature(sign_result(command_id, fields, secret), fields["sig"]):
+        raise Untrusted("bad signature")
+    return _result(fields, host)
 
 
-def _socket_timeout(client: aioredis.Redis) -> float | None:
-    """The read timeout the client's connections use, including redis-py's own default.
+def parse_result_fields(fields: Mapping[str, str]) -> HostResult | None:
+    """A result entry as a HostResult, unverified; None when it is not one (a stray entry).
 
-    ``connection_kwargs`` holds only what the caller passed, so the default (5 s in redis-py 8)
-    is read from the connection class, where it lives.
+    For tools that only look; a publisher believes :func:`verify_result` alone.
     """
-    pool = client.connection_pool
-    if "socket_timeout" in pool.connection_kwargs:
-        value = pool.connection_kwargs["socket_timeout"]
-        return None if value is None else float(value)
-    for cls in pool.connection_class.__mro__:
-        init = vars(cls).get("__init__")
-        if init is None:
-            continue
-        param = inspect.signature(init).parameters.get("socket_timeout")
-        if param is not None and param.default is not inspect.Parameter.empty:
-            return None if param.default is None else float(param.default)
-    return 1.0  # unknown client: assume a short timeout rather than risk a spurious one
+    host = fields.get("host", "")
+    if not IDENTITY.fullmatch(host):
+        return None
+    return _result(fields, host)
 
 
-def read_block_seconds(client: aioredis.Redis) -> float:
-    """How long a blocking stream read may wait: half the socket timeout, at most 5 s."""
-    timeout = _socket_timeout(client)
-    if not timeout:
-        return MAX_BLOCK_SECONDS
-    return max(0.01, min(MAX_BLOCK_SECONDS, timeout / 2))
+# ---------------------------------------------------------------------------------------------
+# Heartbeats
+# ---------------------------------------------------------------------------------------------
+
+
+def heartbeat_value(fields: Mapping[str, str], secret: str) -> str:
+    """A heartbeat's value: the HEARTBEAT_FIELDS of ``fields`` and their signature, as JSON."""
+    signed = {name: fields[name] for name in HEARTBEAT_FIELDS}
+    value = {**signed, "sig": _hmac_hex(secret, canonical_json(signed))}
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def _heartbeat_fields(value: str | bytes | None) -> dict[str, str]:
+    """The fields of a heartbeat value, size-checked before it is parsed; raise Untrusted."""
+    if value is None or len(value) > HEARTBEAT_VALUE_LIMIT:
+        raise Untrusted("oversized heartbeat")
+    try:
+        fields = json.loads(value)
+    except ValueError:  # UnicodeDecodeError too
+        raise Untrusted("malformed heartbeat") from None
+    if not isinstance(fields, dict) or not all(
+        isinstance(fields.get(name), str) for name in (*HEARTBEAT_FIELDS, "sig")
+    ):
+        raise Untrusted("malformed heartbeat")
+    return fields
+
+
+def verify_heartbeat(
+    identity: str, value: str | bytes | None, secret: str, *, now: float | None = None
+) -> dict[str, str]:
+    """The fields of ``identity``'s heartbeat if it is signed, its own and fresh; else Untrusted.
+
+    Fresh: sent at most HEARTBEAT_TTL plus MAX_CLOCK_SKEW ago by the reader's clock, and not
+    more than MAX_CLOCK_SKEW ahead of it; so a copied old heartbeat stops counting.
+    """
+    if not IDENTITY.fullmatch(identity):
+        raise Untrusted("bad host name")
+    fields = _heartbeat_fields(value)
+    if fields["identity"] != identity:
+        raise Untrusted("heartbeat of another host")
+    signed = {name: fields[name] for name in HEARTBEAT_FIELDS}
+    if not _same_signature(_hmac_hex(secret, canonical_json(signed)), fields["sig"]):
+        raise Untrusted("bad signature")
+    try:
+        sent_at = float(fields["sent_at"][:32])
+    except ValueError:
+        raise Untrusted("malformed heartbeat") from None
+    check_fresh(sent_at, time.time() if now is None else now)
+    return signed
+
+
+def check_fresh(sent_at: float, now: float) -> None:
+    """Raise Untrusted unless a heartbeat sent at ``sent_at`` is fresh at ``now`` (see above)."""
+    if not now - HEARTBEAT_TTL - MAX_CLOCK_SKEW <= sent_at <= now + MAX_CLOCK_SKEW:
+        raise Untrusted("stale heartbeat")  # NaN fails both comparisons
