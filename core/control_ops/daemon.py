@@ -9,18 +9,26 @@ contract; :mod:`core.control_ops.host_ops` is what the ops do on the host.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import os
-import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from collections.abc import Awaitable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from redis.exceptions import ResponseError
 
+from core.control_ops.claims import (
+    FINISH_LUA,
+    STARTED_PREFIX,
+    Claim,
+    Finish,
+    Marker,
+    keep_until,
+    marker_ttl_ms,
+)
 from core.control_ops.host_ops import (
     DEFAULT_PULL_TIMEOUT,
     HostOps,
@@ -28,25 +36,32 @@ from core.control_ops.host_ops import (
     Refused,
     project_version,
 )
+from core.control_ops.host_state import (
+    CommandLedger,
+    LedgerFull,
+    RestartRecord,
+    host_state_dir,
+)
+from core.control_ops.lifecycle import BACKOFF_BASE, BACKOFF_CAP, backoff_delay, stop_task
 from core.control_ops.presence import Presence, describe
 from core.control_ops.wire import (
     ALREADY_HANDLED,
+    COMMAND_ENTRY_LIMIT,
     DEFAULT_PREFIX,
     HEARTBEAT_TTL,
     INTERRUPTED,
-    MARKER_GRACE_SECONDS,
-    MAX_COMMAND_TTL,
     READ_ONLY_OPS,
-    RESULT_TTL_SECONDS,
-    SUMMARY_LIMIT,
     CommandRejected,
     HostResult,
     SignedCommand,
+    check_time,
+    cut_summary,
     read_block_seconds,
     result_fields,
     stream_entries,
     verify_signature,
 )
+from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL, default_state_dir
 from core.names import COMMAND_ID, IDENTITY, Keys
 from core.ops_exec import as_text, bounded, raise_if_cancelling, redact, redis_errors
 
@@ -62,114 +77,10 @@ log = logging.getLogger("admin_ops.control_ops")
 
 T = TypeVar("T")
 
-#: The first reconnect delay after a Redis outage, in seconds (it doubles up to the cap).
-BACKOFF_BASE: Final = 0.1
-#: The longest a daemon waits between two reconnect attempts.
-BACKOFF_CAP: Final = 30.0
 # Commands handed over per XREADGROUP: a burst is read in one round trip.
 _READ_COUNT: Final = 16
 # Pending entries re-read per XREADGROUP after a reconnect.
 _PENDING_COUNT: Final = 100
-
-# Write one host's result, then acknowledge the command: one script, so a command is never
-# acknowledged without its result, and a failure to write leaves it pending.
-# KEYS: results stream, ran marker, command stream.
-# ARGV: identity (the group, and the result's host), entry id, marker mode, marker ttl (ms),
-# then the result's ok, ran, summary and duration (field names are spelt here: fewer
-# arguments to encode on every answer).
-# Marker modes: "claim" takes the marker now (SET NX) and writes nothing if it was taken, for
-# ops whose answer is computed without side effects; "done" finishes a marker taken before the
-# op ran; "none" leaves it alone (a forged command must not be able to burn a real id).
-# Returns {1} when written, or {0, marker value} when the claim lost.
-_FINISH_LUA: Final = f"""
-local mode = ARGV[3]
-if mode == 'claim' then
-  if not redis.call('SET', KEYS[2], 'done', 'NX', 'PX', ARGV[4]) then
-    return {{0, redis.call('GET', KEYS[2]) or ''}}
-  end
-elseif mode == 'done' then
-  redis.call('SET', KEYS[2], 'done', 'XX', 'KEEPTTL')
-end
-redis.call('XADD', KEYS[1], '*', 'host', ARGV[1], 'ok', ARGV[5], 'ran', ARGV[6],
-  'summary', ARGV[7], 'duration', ARGV[8])
-redis.call('EXPIRE', KEYS[1], {RESULT_TTL_SECONDS})
-redis.pcall('XACK', KEYS[3], ARGV[1], ARGV[2])
-return {{1}}
-"""
-_DONE: Final = "done"
-_STARTED: Final = "started:"
-
-
-class Claim(enum.Enum):
-    """Where a command id stands on this host, read from its ran marker."""
-
-    #: This run holds the marker: the op may run.
-    NEW = "new"
-    #: An earlier run took the marker and never finished: the op was interrupted.
-    STARTED = "started"
-    #: The command was answered here before.
-    DONE = "done"
-
-    @classmethod
-    def of_marker(cls, value: str) -> Claim:
-        """The claim a marker someone else holds stands for."""
-        return cls.DONE if value == _DONE else cls.STARTED
-
-
-class _Marker(enum.Enum):
-    """What the finish script does with the ran marker (see _FINISH_LUA)."""
-
-    CLAIM = "claim"
-    DONE = "done"
-    NONE = "none"
-
-
-class _Finish(NamedTuple):
-    """A result to write (kept in memory across a Redis outage until it is written)."""
-
-    entry_id: str
-    command_id: str
-    result: HostResult
-    marker: _Marker
-    marker_ttl_ms: int
-    after: Callable[[], Awaitable[None]] | None = None
-
-
-def backoff_delay(
-    attempt: int,
-    *,
-    base: float = BACKOFF_BASE,
-    cap: float = BACKOFF_CAP,
-    rng: Callable[[], float] = random.random,
-) -> float:
-    """Exponential backoff with equal jitter: between half and all of ``base * 2**attempt``.
-
-    The jitter spreads a fleet's reconnects after a Redis restart; half the step is kept so a
-    retry never comes immediately; ``cap`` bounds how long a daemon stays away.
-    """
-    step = min(cap, base * 2.0 ** min(attempt, 32))
-    return step / 2 + rng() * step / 2
-
-
-async def _stop(task: asyncio.Task[Any], *, again: Callable[[], bool]) -> None:
-    """Cancel ``task`` and wait until it has finished.
-
-    If the cancellation was swallowed (see ``core.ops_exec.raise_if_cancelling``) while the task
-    goes on to block, it is repeated, but only while ``again()`` says the task is merely
-    waiting: a task that is cleaning up after a cancellation (run_exec killing a process group)
-    is left to finish its cleanup undisturbed.
-    """
-    task.cancel()
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.05)
-        if not task.done() and again():
-            task.cancel()
-
-
-def _marker_ttl_ms(command: SignedCommand) -> int:
-    """How long the at-most-once marker lives: the command's remaining validity plus a day."""
-    remaining = min(max(0.0, command.expires_at - time.time()), MAX_COMMAND_TTL)
-    return int((remaining + MARKER_GRACE_SECONDS) * 1000)
 
 
 class ControlDaemon:
@@ -182,6 +93,12 @@ class ControlDaemon:
     are redacted from every answer. Cancelling :meth:`run` is a clean stop: the heartbeat is
     deleted and nothing unfinished is acknowledged. ``serving`` is an :class:`asyncio.Event` set
     while connected to Redis and answering (a bot hosting a daemon can say it joined the fleet).
+
+    What must survive anything Redis can be made to say lives in ``state_dir`` (default: the
+    state directory of ``core.env_reader.default_state_dir``), under ``fleet/<identity>/``: the
+    ids of the commands with side effects this host started (recorded, fsynced, before the op
+    runs, so no copy of a command ever runs twice here) and when it last restarted each unit
+    (a unit is not restarted again within ``restart_min_interval`` seconds).
 
     Every Redis call is bounded by ``call_timeout``; blocking reads wait at most half the
     client's socket timeout (redis-py does not lengthen it for XREADGROUP BLOCK).
@@ -203,8 +120,10 @@ class ControlDaemon:
         pull_timeout: float = DEFAULT_PULL_TIMEOUT,
         env_passthrough: Iterable[str] = (),
         secrets: Iterable[str] = (),
+        state_dir: str | os.PathLike[str] | None = None,
+        restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL,
     ) -> None:
-        """Validate the identity and the allow-list; nothing talks to Redis until :meth:`run`."""
+        """Validate the identity and the allow-list; no I/O happens before :meth:`run`."""
         if not secret:
             raise ValueError("a shared secret is required (OPS_CONTROL_SECRET)")
         if not IDENTITY.fullmatch(identity):
@@ -214,35 +133,31 @@ class ControlDaemon:
         self._secret = secret
         self._secrets = (secret, *secrets)
         self._keys = Keys(prefix)
-        self.ops = HostOps(
-            identity=identity,
-            redis=redis,
-            pull_targets=pull_targets,
-            restart_units=restart_units,
-            own_units=own_units,
-            pull_timeout=pull_timeout,
-            env_passthrough=env_passthrough,
-            restart_delay=deferred_restart_delay,
-            secrets=self._secrets,
-        )
+        base = Path(state_dir) if state_dir is not None else default_state_dir(os.environ)
+        #: Where this daemon keeps its host-local records.
+        self.state_dir = host_state_dir(base, identity)
+        self.ledger = CommandLedger(self.state_dir)
         self._call_timeout = call_timeout
         self.presence = Presence(
-            redis,
-            self._keys,
-            identity,
-            ttl=heartbeat_ttl,
-            call_timeout=call_timeout,
-            description=self._describe,
-        )
+            redis, self._keys, identity, ttl=heartbeat_ttl, call_timeout=call_timeout,
+            description=self._describe, secret=secret,
+        )  # fmt: skip
+        self.ops = HostOps(
+            identity=identity, redis=redis, pull_targets=pull_targets,
+            restart_units=restart_units, own_units=own_units, pull_timeout=pull_timeout,
+            env_passthrough=env_passthrough, restart_delay=deferred_restart_delay,
+            restart_min_interval=restart_min_interval, restarts=RestartRecord(self.state_dir),
+            secrets=self._secrets,
+        )  # fmt: skip
         self._block_seconds = read_block_seconds(redis)
         self._stream = self._keys.commands
         # One group per identity, so every daemon sees every command; one consumer in it.
         self._group = identity
         # A per-run token in the "started" marker: if our own SET NX reached Redis but its reply
         # was lost, reading the marker back tells us it is ours and not a previous run's.
-        self._token = f"{_STARTED}{uuid.uuid4().hex}"
-        self._finish_script = redis.register_script(_FINISH_LUA)
-        self._unwritten: list[_Finish] = []
+        self._token = f"{STARTED_PREFIX}{uuid.uuid4().hex}"
+        self._finish_script = redis.register_script(FINISH_LUA)
+        self._unwritten: list[Finish] = []
         self._redis_up: bool | None = None
         self._waiting_for_work = False
         self.serving = asyncio.Event()
@@ -262,6 +177,8 @@ class ControlDaemon:
             pull_timeout=settings.pull_timeout,
             env_passthrough=settings.env_passthrough,
             secrets=settings.secrets,
+            state_dir=settings.state_dir,
+            restart_min_interval=settings.restart_min_interval,
         )
 
     @property
@@ -279,7 +196,7 @@ class ControlDaemon:
         """The allowed units that are restarted deferred, after the answer."""
         return self.ops.own_units
 
-    def _describe(self) -> str:
+    def _describe(self) -> dict[str, str]:
         return describe(
             self.identity,
             version=project_version(),
@@ -303,8 +220,8 @@ class ControlDaemon:
             serve.result()
         finally:
             self.serving.clear()
-            await _stop(serve, again=lambda: self._waiting_for_work)
-            await _stop(heartbeat, again=lambda: True)
+            await stop_task(serve, again=lambda: self._waiting_for_work)
+            await stop_task(heartbeat, again=lambda: True)
             await self.presence.leave()
             log.info("control daemon %s stopped", self.identity)
 
@@ -423,13 +340,17 @@ class ControlDaemon:
             await self._call(self._redis.xack(self._stream, self._group, entry_id))
             return
         try:
+            if sum(map(len, fields)) + sum(map(len, fields.values())) > COMMAND_ENTRY_LIMIT:
+                raise CommandRejected(
+                    f"rejected: malformed command (larger than {COMMAND_ENTRY_LIMIT} bytes)"
+                )
             command = verify_signature(fields, self._secret)
         except CommandRejected as exc:
             self._log_rejection(command_id, fields, str(exc))
             result = self._result(Outcome(False, False, str(exc)), started)
-            await self._finish(_Finish(entry_id, command_id, result, _Marker.NONE, 0))
+            await self._finish(Finish(entry_id, command_id, result, Marker.NONE, 0))
             return
-        ttl_ms = _marker_ttl_ms(command)
+        ttl_ms = marker_ttl_ms(command)
         outcome = self._precheck(command)
         if outcome is None and command.op in READ_ONLY_OPS:
             # No side effects: compute the answer first, then claim the id and answer in one
@@ -437,27 +358,71 @@ class ControlDaemon:
             outcome = await self._execute(command)
         if outcome is not None:
             result = self._result(outcome, started)
-            await self._finish(_Finish(entry_id, command_id, result, _Marker.CLAIM, ttl_ms))
+            await self._finish(Finish(entry_id, command_id, result, Marker.CLAIM, ttl_ms))
             return
-        # Side effects: the marker is taken before anything runs, so an interruption (a crash,
-        # SIGKILL, a Redis outage) can never lead to a second run of this id on this host.
+        await self._run_once(entry_id, command, ttl_ms, started)
+
+    async def _run_once(
+        self, entry_id: str, command: SignedCommand, ttl_ms: int, started: float
+    ) -> None:
+        """Run a command with side effects, unless this host has started it before.
+
+        The ran marker is taken, then the id recorded in the host's ledger (fsynced), before
+        anything runs: an interruption (a crash, SIGKILL, a Redis outage) or anything Redis is
+        made to say (a deleted or rolled-back marker, a re-added entry, a re-created group)
+        can never lead to a second run of this id on this host.
+        """
         claim = await self._claim(command, ttl_ms)
+        if claim is Claim.NEW:
+            recorded = await self._record_start(command)
+            if isinstance(recorded, Outcome):
+                result = self._result(recorded, started)
+                await self._finish(Finish(entry_id, command.id, result, Marker.DONE, ttl_ms))
+                return
+            claim = recorded
         if claim is not Claim.NEW:
-            await self._answer_again(entry_id, command_id, claim, started)
+            await self._answer_again(entry_id, command.id, claim, started)
             return
         outcome = await self._execute(command)
+        # Done before the answer is written: a copy read after the answer (even by the next
+        # process, should this one stop right after answering) is "already handled".
+        await self._record_done(command)
         result = self._result(outcome, started)
-        finish = _Finish(entry_id, command_id, result, _Marker.DONE, ttl_ms, outcome.after)
-        await self._finish(finish)
+        await self._finish(Finish(entry_id, command.id, result, Marker.DONE, ttl_ms, outcome.after))
+
+    async def _record_start(self, command: SignedCommand) -> Claim | Outcome:
+        """Record the command in the ledger before it runs; its earlier state if it has one.
+
+        An Outcome when it cannot be recorded: then it must not run at all.
+        """
+        try:
+            known = await asyncio.to_thread(self.ledger.start, command.id, keep_until(command))
+        except LedgerFull as exc:
+            log.error("command %s not run: the command ledger is full (%s)", command.id, exc)
+            return Outcome(False, False, f"refused: too many recent commands on this host ({exc})")
+        except OSError as exc:
+            log.error(
+                "command %s not run: cannot record it in %s: %s", command.id, self.ledger.path, exc
+            )
+            reason = exc.strerror or str(exc)
+            return Outcome(
+                False, False, f"failed: cannot record the command on this host ({reason})"
+            )
+        if known is None:
+            return Claim.NEW
+        log.warning("command %s is in this host's ledger (%s)", command.id, known.name.lower())
+        return Claim.of_ledger(known)
 
     def _precheck(self, command: SignedCommand) -> Outcome | None:
         """The answer for a command that must not run at all, else None."""
-        if time.time() > command.expires_at:
+        try:
+            check_time(command, time.time())
+        except CommandRejected as exc:
             fields = {"op": command.op, "args": json.dumps(list(command.args))}
             self._log_rejection(
-                command.id, {**fields, "requested_by": command.requested_by}, "rejected: expired"
+                command.id, {**fields, "requested_by": command.requested_by}, str(exc)
             )
-            return Outcome(False, False, "rejected: expired")
+            return Outcome(False, False, str(exc))
         if not self.ops.knows(command.op):
             log.warning("command %s: unknown op %r", command.id, command.op[:40])
             return Outcome(False, False, f"refused: unknown op {command.op[:40]!r}")
@@ -491,7 +456,7 @@ class ControlDaemon:
         summary = INTERRUPTED if interrupted else ALREADY_HANDLED
         log.warning("command %s delivered again: %s", command_id, summary)
         result = self._result(Outcome(False, interrupted, summary), started)
-        await self._finish(_Finish(entry_id, command_id, result, _Marker.DONE, 0))
+        await self._finish(Finish(entry_id, command_id, result, Marker.DONE, 0))
 
     async def _execute(self, command: SignedCommand) -> Outcome:
         log.info(
@@ -514,12 +479,11 @@ class ControlDaemon:
             return Outcome(False, True, f"failed: internal error ({type(exc).__name__}: {exc})")
 
     def _result(self, outcome: Outcome, started: float) -> HostResult:
-        text = redact(outcome.summary, self._secrets)
-        if len(text) > SUMMARY_LIMIT:
-            text = text[:SUMMARY_LIMIT] + " […]"
+        # Redacted before it is cut, so a secret is never left half-shown at the cut.
+        text = cut_summary(redact(outcome.summary, self._secrets))
         return HostResult(self.identity, outcome.ok, outcome.ran, text, time.monotonic() - started)
 
-    async def _finish(self, finish: _Finish) -> None:
+    async def _finish(self, finish: Finish) -> None:
         """Write the result and acknowledge, then run what must come after the answer."""
         try:
             lost_to = await self._write_and_ack(finish)
@@ -534,10 +498,19 @@ class ControlDaemon:
             # The claim lost: this id was started or answered here before (a replayed entry,
             # or our own earlier attempt whose reply was lost).
             await self._answer_again(finish.entry_id, finish.command_id, lost_to, time.monotonic())
-        elif finish.after is not None:
+            return
+        if finish.after is not None:
             await finish.after()
 
-    async def _write_and_ack(self, finish: _Finish) -> Claim | None:
+    async def _record_done(self, command: SignedCommand) -> None:
+        """Mark a command that ran as done in the ledger (a later copy: "already handled")."""
+        try:
+            await asyncio.to_thread(self.ledger.finish, command.id, keep_until(command))
+        except OSError as exc:
+            # Not a safety matter: "started" already keeps it from running again.
+            log.warning("command %s: cannot mark it done in the ledger: %s", command.id, exc)
+
+    async def _write_and_ack(self, finish: Finish) -> Claim | None:
         """Run the finish script; None when written, else who holds the marker."""
         keys = [
             self._keys.results(finish.command_id),
@@ -545,9 +518,9 @@ class ControlDaemon:
             self._stream,
         ]
         # The group is named after the identity, which is also the result's host.
-        fields = result_fields(finish.result)
+        fields = result_fields(finish.result, command_id=finish.command_id, secret=self._secret)
         args = [self._group, finish.entry_id, finish.marker.value, str(finish.marker_ttl_ms)]
-        args += [fields[name] for name in ("ok", "ran", "summary", "duration")]
+        args += [fields[name] for name in ("ok", "ran", "summary", "duration", "sig")]
         reply = await self._call(self._finish_script(keys=keys, args=args))
         if int(reply[0]) == 1:
             return None

@@ -17,7 +17,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+from core.control_ops.host_state import RestartRecord
 from core.control_ops.wire import NOT_ALLOWED
+from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL
 from core.names import DEFAULT_TARGET, target_name
 from core.ops_exec import (
     git_head,
@@ -25,6 +27,7 @@ from core.ops_exec import (
     pull_lock_ttl,
     request_restart,
     restart_unit,
+    unit_started_ago,
     unit_state,
     validate_unit_name,
 )
@@ -92,6 +95,10 @@ class HostOps:
     may restart; ``own_units`` those among them that are restarted deferred (the daemon's own
     unit or its co-located bot's): it grants nothing by itself. ``redis`` dedupes pulls of one
     checkout across services; ``identity`` names this daemon as the holder of that lock.
+
+    A unit restarted less than ``restart_min_interval`` seconds ago is not restarted again:
+    systemd's last start of the unit counts (whoever caused it), and so do this daemon's own
+    restarts, recorded in ``restarts`` (deferred ones included) before systemctl runs.
     """
 
     def __init__(
@@ -105,6 +112,8 @@ class HostOps:
         pull_timeout: float = DEFAULT_PULL_TIMEOUT,
         env_passthrough: Iterable[str] = (),
         restart_delay: float = 1.0,
+        restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL,
+        restarts: RestartRecord | None = None,
         secrets: Iterable[str] = (),
     ) -> None:
         """Validate the allow-list; raise ValueError on a bad target name or unit."""
@@ -117,6 +126,8 @@ class HostOps:
         self.pull_timeout = pull_timeout
         self.env_passthrough = tuple(env_passthrough)
         self.restart_delay = restart_delay
+        self.restart_min_interval = restart_min_interval
+        self.restarts = restarts
         self.secrets = tuple(secrets)
         self.started_at = time.time()
         self._ops: dict[str, Callable[[tuple[str, ...]], Awaitable[Outcome]]] = {
@@ -201,6 +212,7 @@ class HostOps:
             raise Refused(NOT_ALLOWED) from None
         if unit not in self.restart_units:
             raise Refused(NOT_ALLOWED)
+        await self._limit_restarts(unit)
         if unit in self.own_units:
             # Restarting our own unit synchronously would deadlock (systemd waits for us to stop
             # while we wait for systemctl), and once it happens nobody is left to answer:
@@ -214,6 +226,29 @@ class HostOps:
         restarted = await restart_unit(unit, secrets=self.secrets)
         # systemctl ran either way: "ran" says the host acted on the request, "ok" how it went.
         return Outcome(restarted.ok, True, restarted.summary)
+
+    async def _limit_restarts(self, unit: str) -> None:
+        """Refuse a restart too soon after the last one; else record this one, durably.
+
+        systemd's timestamp counts every start of the unit on this host; this daemon's record
+        also counts a deferred restart not yet carried out and a restart that left the unit
+        failed (neither moves systemd's timestamp). The sooner of the two decides.
+        """
+        if self.restart_min_interval <= 0:
+            return
+        known = [await unit_started_ago(unit)]
+        if self.restarts is not None:
+            known.append(await asyncio.to_thread(self.restarts.seconds_since, unit))
+        ago = min((seconds for seconds in known if seconds is not None), default=None)
+        if ago is not None and ago < self.restart_min_interval:
+            raise Refused(f"refused: restarted {int(ago)} s ago")
+        if self.restarts is not None:
+            try:
+                await asyncio.to_thread(self.restarts.note, unit, self.restart_units)
+            except OSError as exc:
+                # Unrecorded, a deferred restart could be repeated at once: refuse instead.
+                log.error("cannot record the restart of %s: %s", unit, exc)
+                raise Refused(f"failed: cannot record the restart on this host ({exc})") from None
 
     async def _restart_self(self, unit: str) -> None:
         requested = await request_restart(unit, delay=self.restart_delay, secrets=self.secrets)

@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import ResponseError
 
+from core.control_ops.wire import HEARTBEAT_TTL, heartbeat_value
 from core.names import Keys
 from core.ops_exec import bounded, redis_errors
 
@@ -39,6 +41,22 @@ def _is_busy_group(error: BaseException) -> bool:
     return isinstance(error, ResponseError) and "BUSYGROUP" in str(error)
 
 
+# A heartbeat's free-text fields are cut to this many characters, its name lists to this many
+# characters of JSON each: the signed value always stays below HEARTBEAT_VALUE_LIMIT.
+_TEXT_WIDTH: Final = 64
+_LIST_WIDTH: Final = 1024
+
+
+def _names_json(names: Iterable[str]) -> str:
+    """Sorted ``names`` as a compact JSON array, as many as fit in _LIST_WIDTH characters."""
+    kept: list[str] = []
+    for name in sorted(names):
+        if len(json.dumps([*kept, name], separators=(",", ":"))) > _LIST_WIDTH:
+            break  # informational only: the rest is left out rather than the heartbeat refused
+        kept.append(name)
+    return json.dumps(kept, separators=(",", ":"))
+
+
 def describe(
     identity: str,
     *,
@@ -46,27 +64,26 @@ def describe(
     started_at: float,
     pull_targets: Iterable[str],
     restart_units: Iterable[str],
-) -> str:
-    """A heartbeat's value: who the daemon is and what it may do, as compact JSON."""
-    return json.dumps(
-        {
-            "identity": identity,
-            "hostname": socket.gethostname(),
-            "pid": os.getpid(),
-            "version": version,
-            "started_at": started_at,
-            "pull_targets": sorted(pull_targets),
-            "restart_units": sorted(restart_units),
-        },
-        separators=(",", ":"),
-    )
+) -> dict[str, str]:
+    """A heartbeat's fields but its time: who the daemon is and what it may do, all text."""
+    return {
+        "identity": identity,
+        "hostname": socket.gethostname()[:_TEXT_WIDTH],
+        "pid": str(os.getpid()),
+        "version": version[:_TEXT_WIDTH],
+        "started_at": repr(started_at),
+        "pull_targets": _names_json(pull_targets),
+        "restart_units": _names_json(restart_units),
+    }
 
 
 class Presence:
     """One daemon's consumer group and heartbeat on the command stream of ``keys``.
 
     The group is named after the identity (every daemon sees every command) and has one
-    consumer, the identity again. ``description`` gives the heartbeat's value.
+    consumer, the identity again. ``description`` gives the heartbeat's fields (see
+    :func:`describe`); each beat adds the time it is sent and signs them with ``secret``, so
+    a publisher believes only a heartbeat this daemon wrote, and only for a short while.
     """
 
     def __init__(
@@ -77,15 +94,17 @@ class Presence:
         *,
         ttl: float,
         call_timeout: float,
-        description: Callable[[], str],
+        description: Callable[[], dict[str, str]],
+        secret: str,
     ) -> None:
-        """Nothing is written until :meth:`join`."""
+        """Nothing is written until :meth:`beat`."""
         self._redis = redis
         self._keys = keys
         self.identity = identity
         self._ttl = ttl
         self._call_timeout = call_timeout
         self._description = description
+        self._secret = secret
 
     async def ensure_group(self) -> None:
         """Create this identity's group unless it exists.
@@ -107,7 +126,9 @@ class Presence:
         # The group first: after a Redis restart the heartbeat may come back before the serve
         # loop notices, and a publisher that sees the heartbeat relies on the group existing.
         self._create_group(pipe)
-        pipe.set(self._keys.heartbeat(self.identity), self._description(), px=int(self._ttl * 1000))
+        fields = {**self._description(), "sent_at": repr(time.time())}
+        value = heartbeat_value(fields, self._secret)
+        pipe.set(self._keys.heartbeat(self.identity), value, px=int(self._ttl * 1000))
         pipe.sadd(self._keys.hosts_index, self.identity)
         replies = await bounded(pipe.execute(raise_on_error=False), self._call_timeout)
         for reply in replies:
@@ -116,7 +137,9 @@ class Presence:
 
     async def keep_beating(self, serving: asyncio.Event) -> None:
         """Refresh the heartbeat well inside its TTL while ``serving`` is set; until cancelled."""
-        interval = max(_MIN_REFRESH, self._ttl / 3)
+        # Publishers believe a heartbeat sent at most HEARTBEAT_TTL (plus the clock skew) ago:
+        # a longer TTL of our own must not space the refreshes further apart than that allows.
+        interval = max(_MIN_REFRESH, min(self._ttl, HEARTBEAT_TTL) / 3)
         while True:
             # A period, not synchronisation.
             await asyncio.sleep(interval)

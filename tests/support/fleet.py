@@ -26,9 +26,11 @@ from core.control_ops import (
     ControlDaemon,
     HostResult,
     command_stream_key,
-    parse_result_fields,
+    heartbeat_key,
+    hosts_index_key,
     results_key,
 )
+from core.control_ops.wire import heartbeat_value, result_fields, verify_result
 from tests.support import ROOT
 from tests.support.git import git
 from tests.support.processes import write_script
@@ -65,7 +67,10 @@ def lines(path: Path) -> list[str]:
 async def read_results(
     client: aioredis.Redis, command_id: str, hosts: Iterable[str], prefix: str
 ) -> dict[str, HostResult]:
-    """Block on the result stream until every host in ``hosts`` answered (first answer wins)."""
+    """Block on the result stream until every host in ``hosts`` answered (first answer wins).
+
+    Every answer must carry a valid signature (made with the test secret).
+    """
     wanted = set(hosts)
     got: dict[str, HostResult] = {}
     last = "0"
@@ -77,8 +82,7 @@ async def read_results(
             for entry_id, raw in entries:
                 last = entry_id
                 fields = {k.decode(): v.decode() for k, v in raw.items()}
-                result = parse_result_fields(fields)
-                assert result is not None
+                result = verify_result(fields, command_id, SECRET)
                 got.setdefault(result.host, result)
     return got
 
@@ -121,9 +125,77 @@ def install_systemctl_stand_in(
     return record
 
 
-def recorded_calls(record: Path) -> list[dict[str, Any]]:
-    """What the systemctl stand-in recorded, one dict per call."""
-    return [json.loads(line) for line in lines(record)]
+def recorded_calls(record: Path, *, queries: bool = False) -> list[dict[str, Any]]:
+    """What the systemctl stand-in recorded, one dict per call.
+
+    ``systemctl show`` (how a daemon asks when a unit last started) is a query that changes
+    nothing: left out unless ``queries``.
+    """
+    calls = [json.loads(line) for line in lines(record)]
+    return [call for call in calls if queries or "show" not in call["argv"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a Redis writer (with or without the secret) can put on the board
+# ---------------------------------------------------------------------------------------------
+
+
+def heartbeat_fields(identity: str, *, sent_at: float | None = None) -> dict[str, str]:
+    """The fields of a heartbeat for ``identity``, sent at ``sent_at`` (default: now)."""
+    return {
+        "identity": identity,
+        "hostname": "test-host",
+        "pid": "1",
+        "version": "0",
+        "started_at": repr(time.time()),
+        "sent_at": repr(time.time() if sent_at is None else sent_at),
+        "pull_targets": "[]",
+        "restart_units": "[]",
+    }
+
+
+async def plant_heartbeat(
+    client: aioredis.Redis, identity: str, prefix: str, value: str | bytes
+) -> None:
+    """Write ``value`` as ``identity``'s heartbeat and list it in the hosts index."""
+    await client.set(heartbeat_key(identity, prefix), value, px=15_000)
+    await client.sadd(hosts_index_key(prefix), identity)
+
+
+async def signed_ghost(
+    client: aioredis.Redis, identity: str, prefix: str, *, secret: str = SECRET
+) -> None:
+    """A validly signed, fresh heartbeat with no daemon behind it: expected, never answers."""
+    await plant_heartbeat(
+        client, identity, prefix, heartbeat_value(heartbeat_fields(identity), secret)
+    )
+
+
+async def plant_answer(
+    client: aioredis.Redis,
+    command_id: str,
+    prefix: str,
+    result: HostResult,
+    *,
+    secret: str | None = SECRET,
+) -> None:
+    """Append ``result`` to the command's result stream, signed with ``secret`` (None: unsigned)."""
+    fields = result_fields(result, command_id=command_id, secret=secret)
+    await client.xadd(results_key(command_id, prefix), dict(fields))
+
+
+async def next_command_id(client: aioredis.Redis, prefix: str, after: str = "0") -> str:
+    """The id of the first command on the stream after entry ``after``, once there is one.
+
+    The default reads from the start: a test's prefix is its own, so that is the one it made.
+    """
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        reply = await client.xread({command_stream_key(prefix): after}, count=1, block=1000)
+        if reply:
+            [(_stream, [(_entry, fields)])] = reply
+            return str(fields[b"id"].decode())
+    raise AssertionError("no command was published")
 
 
 def upload_pack_gate(tmp_path: Path, clone: Path, *, body: str = "") -> tuple[Path, Path]:
