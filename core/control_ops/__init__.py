@@ -7,10 +7,14 @@ per-command result stream, so the caller can show results live as they arrive.
 The wire format is a contract other tools may publish against: ``docs/fleet-protocol.md``.
 The package, one job per module:
 
-- :mod:`~core.control_ops.wire`: keys, signing, result entries, the limits a daemon enforces;
+- :mod:`~core.control_ops.wire`: keys, signing (commands, answers, heartbeats), the limits;
 - :mod:`~core.control_ops.publisher`: ``publish`` and ``alive_hosts``;
-- :mod:`~core.control_ops.daemon`: ``ControlDaemon``, serving one identity;
+- :mod:`~core.control_ops.collect`: bounded, verified reading of a command's answers;
+- :mod:`~core.control_ops.daemon`: ``ControlDaemon``, serving one identity, with
+  :mod:`~core.control_ops.claims` (at most once), :mod:`~core.control_ops.presence`
+  (heartbeats) and :mod:`~core.control_ops.lifecycle` (reconnects, stopping);
 - :mod:`~core.control_ops.host_ops`: what ping, status, pull and restart do on the host;
+- :mod:`~core.control_ops.host_state`: what a host remembers on its own disk;
 - :mod:`~core.control_ops.report`: how a command stands, for the terminal and the chat alike;
 - :mod:`~core.control_ops.cli`: ``python -m core.control_ops daemon | publish``.
 """
@@ -24,6 +28,7 @@ from core.control_ops.report import FleetTally, HostStatus, host_status
 from core.control_ops.wire import (
     DEFAULT_PREFIX,
     INTERRUPTED,
+    MAX_CLOCK_SKEW,
     MAX_COMMAND_TTL,
     NOT_ALLOWED,
     OPS,
@@ -34,6 +39,7 @@ from core.control_ops.wire import (
     HostResult,
     Published,
     SignedCommand,
+    Untrusted,
     build_command,
     canonical_payload,
     command_stream_key,
@@ -43,7 +49,10 @@ from core.control_ops.wire import (
     ran_marker_key,
     results_key,
     sign_fields,
+    sign_result,
     verify_command,
+    verify_heartbeat,
+    verify_result,
     verify_signature,
 )
 from core.names import default_identity
@@ -52,6 +61,7 @@ from core.settings import DaemonSettings
 __all__ = [
     "DEFAULT_PREFIX",
     "INTERRUPTED",
+    "MAX_CLOCK_SKEW",
     "MAX_COMMAND_TTL",
     "NOT_ALLOWED",
     "OPS",
@@ -67,6 +77,7 @@ __all__ = [
     "HostStatus",
     "Published",
     "SignedCommand",
+    "Untrusted",
     "alive_hosts",
     "backoff_delay",
     "build_command",
@@ -83,6 +94,9 @@ __all__ = [
     "ran_marker_key",
     "results_key",
     "sign_fields",
+    "sign_result",
     "verify_command",
+    "verify_heartbeat",
+    "verify_result",
     "verify_signature",
 ]

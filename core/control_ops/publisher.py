@@ -1,30 +1,43 @@
-"""Publishing a fleet command and collecting the hosts' answers as they arrive."""
+"""Publishing a fleet command, and knowing which hosts to expect an answer from.
+
+The hosts to expect are those whose heartbeat is signed with the fleet's secret, names the host
+it is stored under, and is fresh, at the moment the command is appended: one script reads the
+heartbeats and appends the command atomically, and the publisher checks the heartbeats it
+returns. Anyone can add names to the hosts index or write heartbeat keys; a forged or copied
+heartbeat is counted as ignored, never expected. The answers are collected by
+:class:`~core.control_ops.collect.Collector`.
+"""
 
 from __future__ import annotations
 
-import inspect
+import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from core.control_ops.collect import UNTRUSTED_LOG, Collector, call_back, shown_host
 from core.control_ops.wire import (
     COMMAND_STREAM_MAXLEN,
     DEFAULT_COMMAND_TTL,
     DEFAULT_PREFIX,
+    HEARTBEAT_VALUE_LIMIT,
+    MAX_FLEET_HOSTS,
     FleetResult,
     HostResult,
     Published,
+    Untrusted,
     build_command,
+    check_fresh,
     command_stream_key,
     heartbeat_key,
     hosts_index_key,
-    parse_result_fields,
-    read_block_seconds,
     results_key,
-    stream_entries,
+    verify_heartbeat,
 )
-from core.ops_exec import as_text, raise_if_cancelling
+from core.names import IDENTITY
+from core.ops_exec import as_text
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -36,44 +49,123 @@ log = logging.getLogger("admin_ops.control_ops")
 
 #: Seconds ``publish`` waits for the hosts' answers by default.
 DEFAULT_PUBLISH_TIMEOUT: Final = 30.0
-# Result entries read per XREAD: a whole fleet's answers in one reply.
-_READ_COUNT: Final = 1000
+# Heartbeats checked between two yields to the event loop (a full index is a thousand).
+_CHECKS_PER_YIELD: Final = 100
 
-# The identities whose heartbeat key exists, in one round trip; members whose key is gone are
-# dropped from the index in the same step, so a daemon that has just come back and re-added
-# itself is never removed by a publisher that saw it missing a moment earlier. The heartbeat
-# keys are derived from the members, so these scripts need a standalone Redis (not a cluster).
-# KEYS: the index set; ARGV: the heartbeat key prefix ("{prefix}:hosts:").
+# The hosts index's members (at most ARGV[2] of them, at random if there are more, so a flooded
+# index costs a bounded reply) with their heartbeat values (false when larger than ARGV[3] or
+# not a string; GETRANGE copies at most one byte more than that, whatever the value's size).
+# Members that cannot be identities, or whose heartbeat is gone, are dropped from the index in
+# the same step, so a daemon that has just come back and re-added itself is
+# never removed by a publisher that saw it missing a moment earlier. The heartbeat keys are
+# derived from the members, so these scripts need a standalone Redis (not a cluster).
+# KEYS: the index set; ARGV: the heartbeat key prefix, most members, largest value.
+# Returns {members in the index, member, value, member, value, ...}.
 _ALIVE_LUA_BODY: Final = """
-local alive = {}
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[1] .. member) == 1 then
-    alive[#alive + 1] = member
-  else
+local out = {redis.call('SCARD', KEYS[1])}
+local most, largest = tonumber(ARGV[2]), tonumber(ARGV[3])
+for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[1], most)) do
+  local value = ''
+  if #member <= 64 then
+    value = redis.pcall('GETRANGE', ARGV[1] .. member, 0, largest)
+  end
+  if type(value) ~= 'string' then
+    out[#out + 1] = member
+    out[#out + 1] = false
+  elseif #value == 0 then
     redis.call('SREM', KEYS[1], member)
+  else
+    out[#out + 1] = member
+    out[#out + 1] = #value <= largest and value
   end
 end
 """
-_ALIVE_LUA: Final = _ALIVE_LUA_BODY + "return alive\n"
+_ALIVE_LUA: Final = _ALIVE_LUA_BODY + "return out\n"
 
-# Publishing: read the alive hosts and XADD the command in one atomic step, so no daemon can
+# Publishing: read the heartbeats and XADD the command in one atomic step, so no daemon can
 # come or go between the two and the expected set is exactly the set that will see the command
 # (a heartbeat exists only once its consumer group does). One round trip, too.
-# KEYS: the index set, the command stream; ARGV: heartbeat key prefix, maxlen, field/value pairs.
+# KEYS: the index set, the command stream; ARGV: as above, then maxlen, field/value pairs.
 _PUBLISH_LUA: Final = (
     _ALIVE_LUA_BODY
     + """
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-return alive
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+return out
 """
 )
 
 
-async def alive_hosts(redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> frozenset[str]:
-    """Identities whose heartbeat key exists right now."""
+def _alive_args(prefix: str) -> list[str]:
+    return [heartbeat_key("", prefix), str(MAX_FLEET_HOSTS), str(HEARTBEAT_VALUE_LIMIT)]
+
+
+class _Verified:
+    """Heartbeats that verified, with when they were sent: each is checked once, not per publish.
+
+    A daemon writes a new value every few seconds; a publisher that publishes again meanwhile
+    (a chat command, then another) finds it here and only checks that it is still fresh. Keyed
+    by the secret, the identity and the exact value; bounded, the oldest forgotten first.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._sent: dict[tuple[str, str, Any], float] = {}
+
+    def sent_at(self, secret: str, identity: str, value: Any, now: float) -> float:
+        """When the heartbeat was sent, if it is signed and its own; raise Untrusted if not."""
+        key = (secret, identity, value)
+        sent = self._sent.get(key)
+        if sent is None:
+            fields = verify_heartbeat(identity, value, secret, now=now)
+            sent = self._sent[key] = float(fields["sent_at"])
+            while len(self._sent) > self._size:
+                del self._sent[next(iter(self._sent))]
+        check_fresh(sent, now)
+        return sent
+
+
+_VERIFIED: Final = _Verified(2 * MAX_FLEET_HOSTS)
+
+
+async def _believed(reply: Sequence[Any], secret: str, ignored: Counter[str]) -> frozenset[str]:
+    """The hosts whose heartbeat in ``reply`` verifies and is fresh; the rest counted."""
+    in_index = int(reply[0])
+    if in_index > MAX_FLEET_HOSTS:
+        UNTRUSTED_LOG.warning(
+            "the hosts index holds %d names; %d of them, at random, were considered",
+            in_index,
+            MAX_FLEET_HOSTS,
+        )
+    now = time.time()
+    hosts: set[str] = set()
+    for i in range(1, len(reply) - 1, 2):
+        if i % (2 * _CHECKS_PER_YIELD) == 1 and i > 1:
+            await asyncio.sleep(0)  # a thousand checks must not hold the event loop
+        identity = as_text(reply[i])
+        try:
+            _VERIFIED.sent_at(secret, identity, reply[i + 1], now)
+        except Untrusted as exc:
+            reason = "bad host name" if not IDENTITY.fullmatch(identity) else str(exc)
+            ignored[f"heartbeat: {reason}"] += 1
+            UNTRUSTED_LOG.warning("ignored the heartbeat of %s: %s", shown_host(identity), reason)
+            continue
+        hosts.add(identity)
+    return frozenset(hosts)
+
+
+async def alive_hosts(
+    redis: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX, secret: str | None = None
+) -> frozenset[str]:
+    """Identities with a heartbeat right now; with ``secret``, only those that verify.
+
+    Without the secret the heartbeats cannot be checked: the names are what Redis claims.
+    """
     script = redis.register_script(_ALIVE_LUA)
-    members = await script(keys=[hosts_index_key(prefix)], args=[heartbeat_key("", prefix)])
-    return frozenset(as_text(member) for member in members)
+    reply = await script(keys=[hosts_index_key(prefix)], args=_alive_args(prefix))
+    if secret is None:
+        names = (as_text(reply[i]) for i in range(1, len(reply) - 1, 2))
+        return frozenset(name for name in names if IDENTITY.fullmatch(name))
+    return await _believed(reply, secret, Counter())
 
 
 async def publish(
@@ -91,78 +183,48 @@ async def publish(
 ) -> FleetResult:
     """Publish a signed command and collect the fleet's answers.
 
-    Returns as soon as every host alive at publish time has answered, or when ``timeout``
-    passes. ``on_result`` (a function or coroutine function) is called once per host as its
-    answer arrives; ``on_published`` once, with the hosts expected to answer, before the first.
+    Returns as soon as every host expected (alive, by a verified heartbeat, when the command
+    was appended) has answered, or when ``timeout`` passes. Only verified answers of expected
+    hosts count. ``on_result`` (a function or coroutine function) is called once per host as
+    its answer arrives; ``on_published`` once, with the hosts expected to answer, before that.
     """
     started = time.monotonic()
     fields = build_command(op, args, requested_by=requested_by, secret=secret, ttl=ttl)
     command_id = fields["id"]
+    key = results_key(command_id, prefix)
     script = redis.register_script(_PUBLISH_LUA)
-    script_args: list[str] = [heartbeat_key("", prefix), str(COMMAND_STREAM_MAXLEN)]
+    script_args = [*_alive_args(prefix), str(COMMAND_STREAM_MAXLEN)]
     for name, value in fields.items():
         script_args += (name, value)
-    members = await script(
+    reply = await script(
         keys=[hosts_index_key(prefix), command_stream_key(prefix)], args=script_args
     )
-    expected = frozenset(as_text(member) for member in members)
+    ignored: Counter[str] = Counter()
+    expected = await _believed(reply, secret, ignored)
     log.info("published %s %s %s for %d host(s)", command_id, op, fields["args"], len(expected))
-    await _call_back(on_published, Published(command_id, op, tuple(args), expected))
-    results = await _collect_results(
+    await call_back(on_published, Published(command_id, op, tuple(args), expected))
+    collector = Collector(
         redis,
-        results_key(command_id, prefix),
-        expected,
-        deadline=started + timeout,
+        command_id=command_id,
+        key=key,
+        expected=expected,
+        secret=secret,
         on_result=on_result,
     )
+    await collector.run(started + timeout)
+    ignored.update(collector.ignored)
+    if ignored:
+        log.warning(
+            "command %s: ignored %d untrusted heartbeat(s) and answer(s): %s",
+            command_id,
+            sum(ignored.values()),
+            ", ".join(f"{reason} {count}" for reason, count in sorted(ignored.items())),
+        )
     return FleetResult(
         command_id=command_id,
-        results=results,
-        silent=frozenset(expected - results.keys()),
+        results=collector.results,
+        silent=frozenset(expected - collector.results.keys()),
         expected=expected,
         elapsed=time.monotonic() - started,
+        ignored=dict(ignored),
     )
-
-
-async def _collect_results(
-    redis: aioredis.Redis,
-    key: str,
-    expected: frozenset[str],
-    *,
-    deadline: float,
-    on_result: Callable[[HostResult], Any] | None,
-) -> dict[str, HostResult]:
-    """Read the result stream until every expected host answered or the deadline passed."""
-    results: dict[str, HostResult] = {}
-    last_id = "0"
-    block_cap = read_block_seconds(redis)
-    while not expected <= results.keys():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        block_ms = max(1, int(min(remaining, block_cap) * 1000))
-        response = await redis.xread({key: last_id}, count=_READ_COUNT, block=block_ms)
-        raise_if_cancelling()
-        for entry_id, raw in stream_entries(response):
-            last_id = entry_id
-            result = parse_result_fields(raw)
-            # The first answer per host counts; a later duplicate (a redelivery) is ignored.
-            if result is None or result.host in results:
-                continue
-            results[result.host] = result
-            await _call_back(on_result, result)
-    return results
-
-
-async def _call_back(callback: Callable[[Any], Any] | None, value: Any) -> None:
-    """Call a sync or async callback; its failure is logged, never allowed to stop collecting."""
-    if callback is None:
-        return
-    try:
-        outcome = callback(value)
-        if inspect.isawaitable(outcome):
-            await outcome
-    # The callback is the caller's code (a chat message, a terminal table): whatever it raises,
-    # the fleet's answers must still be collected and returned.
-    except Exception:
-        log.exception("result callback %r failed", callback)

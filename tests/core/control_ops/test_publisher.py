@@ -13,8 +13,6 @@ from core.control_ops import (
     HostResult,
     Published,
     alive_hosts,
-    heartbeat_key,
-    hosts_index_key,
     publish,
 )
 from tests.support.fleet import (
@@ -25,6 +23,7 @@ from tests.support.fleet import (
     pending_count,
     recorded_calls,
     serving,
+    signed_ghost,
 )
 
 
@@ -74,9 +73,8 @@ async def test_fan_out_each_daemon_runs_once_and_the_publisher_aggregates(
         for host in hosts:
             assert await pending_count(redis_client, host, key_prefix) == 0
 
-        # A host that is alive by its heartbeat but never answers is reported silent.
-        await redis_client.set(heartbeat_key("ghost", key_prefix), "{}", px=15_000)
-        await redis_client.sadd(hosts_index_key(key_prefix), "ghost")
+        # A host that is alive by its (signed) heartbeat but never answers is reported silent.
+        await signed_ghost(redis_client, "ghost", key_prefix)
         started = time.monotonic()
         pinged = await publish(
             redis_client,

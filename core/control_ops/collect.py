@@ -1,0 +1,326 @@
+"""Collecting one command's answers: bounded reads of its result stream, verified answers only.
+
+Anyone who can write to Redis can write to a result stream: forged answers, answers for hosts
+that do not exist, ten thousand entries, entries of a megabyte. So every read is bounded before
+anything is parsed, and only a signed answer from an expected host counts; the rest is counted
+in :attr:`Collector.ignored` and logged at a bounded rate.
+
+Two reads, both bounded. Waiting needs a blocking read, and Lua cannot block: the collector
+waits with ``XREAD BLOCK COUNT k``, k at most WAKE_COUNT (a small count: at most that many
+entries, each checked for size before it is decoded). When that read comes back full, or once
+an entry larger than RESULT_ENTRY_LIMIT (no daemon writes one) was seen, it catches up with a
+Lua script that hands over at most RESULT_READ_COUNT entries and about RESULT_READ_BYTES bytes
+per call and returns an oversized entry as its id alone. After an oversized entry it stops
+blocking altogether and polls with the script, so no more than one blocking read's worth of an
+attacker's large entries is ever read whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from core.control_ops.wire import (
+    RESULT_ENTRY_LIMIT,
+    RESULT_FIELDS,
+    HostResult,
+    Untrusted,
+    read_block_seconds,
+    stream_pairs,
+    verify_result,
+)
+from core.names import IDENTITY
+from core.ops_exec import as_text, clean_text, raise_if_cancelling
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = [
+    "POLL_INTERVAL",
+    "RESULT_READ_BYTES",
+    "RESULT_READ_COUNT",
+    "UNTRUSTED_LOG",
+    "WAKE_COUNT",
+    "Collector",
+    "RateLimitedLog",
+    "call_back",
+    "read_result_entries",
+    "shown_host",
+]
+
+log = logging.getLogger("admin_ops.control_ops")
+
+#: The most result entries one catch-up read hands over.
+RESULT_READ_COUNT: Final = 256
+#: The most entries one blocking read hands over (each is size-checked before it is decoded).
+WAKE_COUNT: Final = 16
+#: About the most bytes of entries one read hands over (one entry more at most).
+RESULT_READ_BYTES: Final = 256 * 1024
+#: How often a collector that stopped blocking (see the module's docstring) reads again.
+POLL_INTERVAL: Final = 0.05
+# The most bytes one read looks at on the server, oversized entries included: a stream of
+# huge entries costs Redis a bounded amount of work per call too.
+_SCAN_BYTES: Final = 8 * 1024 * 1024
+# Entries are read a few at a time (XRANGE COUNT _BATCH) while they are small, then one at a
+# time once an oversized one was seen, so the script holds few of an attacker's in memory.
+# The reply is flat: 1 if the read stopped at a limit (there may be more), else 0; then per
+# entry the protocol's fields only, in RESULT_FIELDS order (the signature covers no other
+# field): id, host, ok, ran, summary, duration, sig; a missing field is ''. An entry larger
+# than the limit is its id and six nils. Flat and fixed, it costs the client the fewest reply
+# elements to parse. A daemon writes the fields in that very order: the fast path.
+# KEYS: the result stream. ARGV: the last id read, most entries, byte budget, largest entry,
+# scan budget.
+_BATCH: Final = 16
+_READ_LUA: Final = (
+    "local names = {"
+    + ", ".join(f"'{name}'" for name in RESULT_FIELDS)
+    + "}\n"
+    + f"local batch = {_BATCH}\n"
+    + """local last = ARGV[1]
+local most, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
+local largest, scan_budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+local out, count, used, scanned = {0}, 0, 0, 0
+local n = #names
+local function in_order(fields)
+  if #fields ~= 2 * n then return false end
+  for i = 1, n do
+    if fields[2 * i - 1] ~= names[i] then return false end
+  end
+  return true
+end
+while count < most and used < budget and scanned < scan_budget do
+  local wanted = math.min(batch, most - count)
+  local entries = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', wanted)
+  for _, entry in ipairs(entries) do
+    last, count = entry[1], count + 1
+    local fields, size = entry[2], 0
+    for i = 1, #fields do size = size + #fields[i] end
+    scanned = scanned + size
+    out[#out + 1] = last
+    if size > largest then
+      for _ = 1, n do out[#out + 1] = false end
+      batch = 1
+    elseif in_order(fields) then
+      for i = 1, n do out[#out + 1] = fields[2 * i] end
+      used = used + size
+    else
+      local by_name = {}
+      for i = 1, #fields - 1, 2 do by_name[fields[i]] = fields[i + 1] end
+      for _, name in ipairs(names) do out[#out + 1] = by_name[name] or '' end
+      used = used + size
+    end
+    if used >= budget or scanned >= scan_budget then break end
+  end
+  if #entries < wanted then break end  -- the end of the stream
+end
+if count >= most or used >= budget or scanned >= scan_budget then
+  out[1] = 1  -- stopped at a limit: there may be more
+end
+return out
+"""
+)
+_STRIDE: Final = 1 + len(RESULT_FIELDS)
+
+#: One entry of a bounded read: its id, and its fields (None: larger than RESULT_ENTRY_LIMIT).
+Entry = tuple[str, dict[str, str] | None]
+
+
+class RateLimitedLog:
+    """At most ``burst`` warnings per ``window`` seconds; the rest counted, reported later."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = 5,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Log to ``logger``."""
+        self._logger = logger
+        self._burst = burst
+        self._window = window
+        self._clock = clock
+        self._started = clock()
+        self._logged = 0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log one line, unless ``burst`` lines were logged in this window already."""
+        now = self._clock()
+        if now - self._started >= self._window:
+            if self._suppressed:
+                self._logger.warning(
+                    "%d similar lines suppressed in %.0f s", self._suppressed, self._window
+                )
+            self._started, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self._burst:
+            self._logged += 1
+            self._logger.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
+#: Untrusted heartbeats and answers: one line each, at a bounded rate per process.
+UNTRUSTED_LOG: Final = RateLimitedLog(log)
+
+
+def shown_host(host: object) -> str:
+    """An untrusted host name as a log can show it: cut, cleaned, quoted."""
+    return repr(clean_text(as_text(host)[:64]))
+
+
+async def call_back(callback: Callable[[Any], Any] | None, value: Any) -> None:
+    """Call a sync or async callback; its failure is logged, never allowed to stop collecting."""
+    if callback is None:
+        return
+    try:
+        outcome = callback(value)
+        if inspect.isawaitable(outcome):
+            await outcome
+    # The callback is the caller's code (a chat message, a terminal table): whatever it raises,
+    # the fleet's answers must still be collected and returned.
+    except Exception:
+        log.exception("result callback %r failed", callback)
+
+
+def _bounded_entries(reply: Any) -> tuple[list[Entry], bool]:
+    """The script's flat reply as entries, and whether it stopped at a limit (see _READ_LUA)."""
+    raw = reply or (0,)
+    texts = [as_text(value) for value in raw]  # one pass; a nil (oversized) becomes ""
+    entries: list[Entry] = []
+    for i in range(1, len(raw) - _STRIDE + 1, _STRIDE):
+        if raw[i + 1] is None:
+            entries.append((texts[i], None))
+        else:
+            fields = dict(zip(RESULT_FIELDS, texts[i + 1 : i + _STRIDE], strict=True))
+            entries.append((texts[i], fields))
+    return entries, bool(int(raw[0]))
+
+
+async def read_result_entries(
+    redis: aioredis.Redis, key: str, last_id: str, *, count: int = RESULT_READ_COUNT
+) -> tuple[list[Entry], bool]:
+    """One bounded catch-up read after ``last_id``: the entries, and whether there may be more."""
+    reply = await redis.eval(
+        _READ_LUA, 1, key, last_id, count, RESULT_READ_BYTES, RESULT_ENTRY_LIMIT, _SCAN_BYTES
+    )
+    return _bounded_entries(reply)
+
+
+def _xread_entries(response: Any) -> list[Entry]:
+    """An XREAD reply's entries; one larger than RESULT_ENTRY_LIMIT is not decoded at all."""
+    entries: list[Entry] = []
+    for entry_id, raw in stream_pairs(response):
+        fields = raw or {}
+        if sum(len(name) + len(value) for name, value in fields.items()) > RESULT_ENTRY_LIMIT:
+            entries.append((as_text(entry_id), None))
+            continue
+        decoded = {as_text(name): value for name, value in fields.items()}
+        text = {name: as_text(decoded.get(name, "")) for name in RESULT_FIELDS}
+        entries.append((as_text(entry_id), text))
+    return entries
+
+
+class Collector:
+    """The answers of ``expected`` hosts to ``command_id``, read from ``key`` as they arrive."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        command_id: str,
+        key: str,
+        expected: frozenset[str],
+        secret: str,
+        on_result: Callable[[HostResult], Any] | None = None,
+    ) -> None:
+        """Nothing is read until :meth:`run`."""
+        self._redis = redis
+        self._command_id = command_id
+        self._key = key
+        self._expected = expected
+        self._secret = secret
+        self._on_result = on_result
+        self._script = redis.register_script(_READ_LUA)
+        self._last = "0"
+        self._polling = False
+        #: The first verified answer of each expected host.
+        self.results: dict[str, HostResult] = {}
+        #: Entries not believed, by reason.
+        self.ignored: Counter[str] = Counter()
+
+    async def run(self, deadline: float) -> None:
+        """Read until every expected host answered or ``deadline`` (monotonic) passed."""
+        block_cap = read_block_seconds(self._redis)
+        catching_up = False
+        while not self._expected <= self.results.keys():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if catching_up or self._polling:
+                entries, catching_up = await self._catch_up()
+            else:
+                entries = await self._wait(max(1, int(min(remaining, block_cap) * 1000)))
+                catching_up = len(entries) >= self._wake_count() or self._polling
+            raise_if_cancelling()
+            if entries:
+                self._last = entries[-1][0]
+                await self._take(entries)
+            elif self._polling and not catching_up:
+                await asyncio.sleep(min(POLL_INTERVAL, remaining))  # a poll period
+
+    def _wake_count(self) -> int:
+        return max(1, min(WAKE_COUNT, len(self._expected - self.results.keys())))
+
+    async def _wait(self, block_ms: int) -> list[Entry]:
+        """Block until there are entries after the last one read; at most a few, size-checked."""
+        response = await self._redis.xread(
+            {self._key: self._last}, count=self._wake_count(), block=block_ms
+        )
+        return self._checked(response)
+
+    def _checked(self, response: Any) -> list[Entry]:
+        """A blocking read's entries; after an oversized one, stop blocking (see the module)."""
+        entries = _xread_entries(response)
+        if any(fields is None for _id, fields in entries):
+            # Blocking reads hand over whole entries; an attacker's may be huge: stop using them.
+            UNTRUSTED_LOG.warning("result stream %s holds oversized entries: polling it", self._key)
+            self._polling = True
+        return entries
+
+    async def _catch_up(self) -> tuple[list[Entry], bool]:
+        """One bounded read with the script: the entries, and whether there may be more."""
+        args = (self._last, RESULT_READ_COUNT, RESULT_READ_BYTES, RESULT_ENTRY_LIMIT, _SCAN_BYTES)
+        reply = await self._script(keys=[self._key], args=args)
+        return _bounded_entries(reply)
+
+    async def _take(self, entries: Iterable[Entry]) -> None:
+        for _entry_id, fields in entries:
+            if fields is None:
+                self._ignore("oversized", "?")
+                continue
+            host = fields["host"]
+            if host not in self._expected:
+                self._ignore("not expected" if IDENTITY.fullmatch(host) else "bad host name", host)
+                continue
+            try:
+                result = verify_result(fields, self._command_id, self._secret, host_checked=True)
+            except Untrusted as exc:
+                self._ignore(str(exc), host)
+                continue
+            if result.host in self.results:
+                continue  # the first answer per host counts; a later one is a redelivery
+            self.results[result.host] = result
+            await call_back(self._on_result, result)
+
+    def _ignore(self, reason: str, host: str) -> None:
+        self.ignored[reason] += 1
+        UNTRUSTED_LOG.warning(
+            "ignored an answer to %s from %s: %s", self._command_id, shown_host(host), reason
+        )
