@@ -18,6 +18,8 @@ import discord
 from core.chat.replies import SEND_ERRORS
 from core.control_ops import FleetResult, HostResult, Published
 from core.control_ops.report import FleetTally, HostStatus, host_status, ok_sentence
+from core.control_ops.wire import cut_summary
+from core.ops_exec import clean_text
 from core.text import MESSAGE_LIMIT, cut, neutralise_fences, one_line
 
 __all__ = ["FLEET_EDIT_INTERVAL", "FleetBoard", "LiveMessage"]
@@ -30,6 +32,8 @@ FLEET_EDIT_INTERVAL = 1.0
 FLEET_SUMMARY_WIDTH = 110
 #: Host names listed in a fleet footer before "… and N more".
 FLEET_FOOTER_HOSTS = 10
+# How much of a host name is looked at before it is cleaned and cut to 64 characters.
+_NAME_SCAN: Final = 256
 
 
 #: The board's icon for each host status (the command line has words for the same statuses).
@@ -47,8 +51,9 @@ class FleetBoard:
     """What one fleet command's message shows: a row per host, then a footer.
 
     Pure state and formatting: the cog feeds it as hosts answer, :class:`LiveMessage` shows it.
-    ``clean`` (the cog's redaction) is applied once to every host name and summary, which come
-    from other hosts. Rows are in a code block, so they render as typed and cannot break out.
+    Host names and summaries come from other hosts: each is cut to its limit first, then has
+    escape sequences and control characters removed, then goes through ``clean`` (the cog's
+    redaction), once. Rows are in a code block, so they render as typed and cannot break out.
     """
 
     title: str
@@ -68,7 +73,7 @@ class FleetBoard:
         """One host answered (the first answer per host counts, as in ``publish``)."""
         if result.host not in self.results:
             self.results[result.host] = result
-            self._summaries[result.host] = self.clean(result.summary)
+            self._summaries[result.host] = self.clean(clean_text(cut_summary(result.summary)))
 
     def finish(self, fleet: FleetResult) -> None:
         """``publish`` returned: every expected host answered, or the timeout passed."""
@@ -162,7 +167,7 @@ class FleetBoard:
     def _name(self, host: str) -> str:
         name = self._names.get(host)
         if name is None:
-            name = self._names[host] = one_line(self.clean(host), 64)
+            name = self._names[host] = one_line(self.clean(clean_text(host[:_NAME_SCAN])), 64)
         return name
 
     def _row(self, host: str, width: int, summary_width: int) -> str:

@@ -22,7 +22,14 @@ from typing import Final, TextIO, TypeVar
 from core.control_ops.daemon import ControlDaemon
 from core.control_ops.publisher import DEFAULT_PUBLISH_TIMEOUT, publish
 from core.control_ops.report import FleetTally, HostStatus, host_status, in_order, ok_sentence
-from core.control_ops.wire import DEFAULT_COMMAND_TTL, OPS, FleetResult, HostResult, Published
+from core.control_ops.wire import (
+    DEFAULT_COMMAND_TTL,
+    OPS,
+    FleetResult,
+    HostResult,
+    Published,
+    cut_summary,
+)
 from core.hardening import make_undumpable
 from core.ops_exec import clean_text, redact, redis_errors
 from core.redis_client import make_redis
@@ -56,8 +63,11 @@ def daemon_settings_from_env(env: Mapping[str, str]) -> DaemonSettings:
 
 
 def _shown(text: str) -> str:
-    """Text from another host as one terminal-safe line: no escape sequences, no newlines."""
-    return one_line(clean_text(text), _HOST_WIDTH)
+    """Text from another host as one terminal-safe line: no escape sequences, no newlines.
+
+    Cut to a bound first (then cleaned, then cut to the width): nothing unbounded is scanned.
+    """
+    return one_line(clean_text(text[: 4 * _HOST_WIDTH]), _HOST_WIDTH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,13 +127,15 @@ def _cmd_daemon(env: Mapping[str, str]) -> int:
 class LiveTable:
     """The terminal's table: rows printed as hosts answer, so a slow host holds back nobody.
 
-    Host names and summaries come from other hosts through Redis: escape sequences and control
-    characters are stripped before anything is printed.
+    Host names and summaries come from other hosts through Redis: they are cut to their limits,
+    then escape sequences and control characters are stripped and ``secrets`` redacted, before
+    anything is printed.
     """
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, secrets: Sequence[str] = ()) -> None:
         """Print to ``out``."""
         self._out = out
+        self._secrets = tuple(secrets)
         self._width = 24
 
     def header(self, published: Published) -> None:
@@ -136,7 +148,8 @@ class LiveTable:
 
     def row(self, result: HostResult) -> None:
         """One host's answer (``publish``'s ``on_result``)."""
-        lines = clean_text(result.summary).splitlines() or [""]
+        summary = redact(clean_text(cut_summary(result.summary)), self._secrets)
+        lines = summary.splitlines() or [""]
         word = _WORDS[host_status(result, finished=False)]
         duration = f"{result.duration:.2f}s"
         self._print(f"{_shown(result.host):<{self._width}}  {word:<8}  {duration:>8}  {lines[0]}")
@@ -151,6 +164,9 @@ class LiveTable:
             self._print(f"{_shown(host):<{self._width}}  {silent:<8}  {'-':>8}  no answer")
         if not fleet.expected:
             self._print("no hosts alive: no daemon heartbeat found")
+        if fleet.ignored:
+            ignored = ", ".join(f"{why} {n}" for why, n in sorted(fleet.ignored.items()))
+            self._print(f"ignored as untrusted (forged, stale, oversized or unexpected): {ignored}")
         line = ok_sentence(tally, fleet.elapsed)
         if tally.failed:
             line += f"; failed: {', '.join(map(_shown, tally.failed))}"
@@ -197,7 +213,7 @@ def _cmd_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except SettingsError as exc:
         print(f"not published: {exc}", file=sys.stderr)
         return 2
-    table = LiveTable(sys.stdout)
+    table = LiveTable(sys.stdout, settings.secrets)
     try:
         fleet = asyncio.run(_publish_main(args, settings, table))
     except redis_errors() as exc:

@@ -86,7 +86,7 @@ class FleetTally:
 
     @property
     def ok(self) -> int:
-        """Hosts that answered ok (ran or skipped)."""
+        """Hosts that answered ok (ran or skipped); shown apart, see :func:`ok_sentence`."""
         return self.ran_ok + self.skipped
 
     def counts(self, *, finished: bool) -> list[tuple[HostStatus, int]]:
@@ -102,5 +102,12 @@ class FleetTally:
 
 
 def ok_sentence(tally: FleetTally, elapsed: float) -> str:
-    """``9/12 hosts ok in 30.0 s``: the one line every presentation ends with."""
-    return f"{tally.ok}/{len(tally.hosts)} hosts ok in {elapsed:.1f} s"
+    """The one line every presentation ends with: ``9/12 hosts ok in 30.0 s``.
+
+    A skipped host (it answered ok without running: another service was already pulling) is
+    never counted as plainly ok: ``11 ok, 1 skipped of 12 hosts in 30.0 s``.
+    """
+    if tally.skipped:
+        counted = f"{tally.ran_ok} ok, {tally.skipped} skipped of {len(tally.hosts)} hosts"
+        return f"{counted} in {elapsed:.1f} s"
+    return f"{tally.ran_ok}/{len(tally.hosts)} hosts ok in {elapsed:.1f} s"

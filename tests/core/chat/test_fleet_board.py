@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from core.chat.fleet_board import FleetBoard, LiveMessage
-from core.control_ops import FleetResult, HostResult, Published
+from core.control_ops import SUMMARY_LIMIT, FleetResult, HostResult, Published
 from core.text import MESSAGE_LIMIT
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +44,8 @@ def test_board_shows_waiting_hosts_then_the_outcome() -> None:
     assert "\n✅ web-1    0.2 s  Updated 1a2b3c4 → 5d6e7f8 (1 commit) · 5d6e7f8 Add it\n" in content
     assert "\n⏭️ web-2    0.2 s  Skipped: web-1 is already pulling\n" in content
     assert "\n❌ db-1     0.2 s  refused: not allowed on this host\n" in content
-    assert content.endswith("\n❌ 1 failed: db-1 — 2/3 hosts ok in 1.2 s")
+    # The skipped host is not counted as plainly ok.
+    assert content.endswith("\n❌ 1 failed: db-1 — 1 ok, 1 skipped of 3 hosts in 1.2 s")
 
 
 def test_board_footer_lists_failures_and_silent_hosts() -> None:
@@ -89,6 +90,44 @@ def test_board_cleans_and_fences_what_hosts_send_and_stays_within_the_limit() ->
     assert complete
     assert content.count("```") == 2
     assert "hunter2" not in content
+
+
+OSC52 = "\x1b]52;c;cHduZWQ=\x07"  # "write this to the clipboard"
+OSC52_C1 = "\x9d52;c;cHduZWQ=\x9c"
+
+
+def test_board_shows_nothing_from_redis_raw_in_names_summaries_or_footer() -> None:
+    # The board cleans on its own, whatever ``clean`` the caller passes.
+    hosts = [f"{OSC52}web-1", f"web-2{OSC52_C1}", "web-3\x1b[2J", "web-4"]
+    board = FleetBoard(title="t")
+    board.published(Published("c", "status", (), frozenset(hosts)))
+    board.add(result(hosts[0], ok=False, summary=f"{OSC52}bad \x1b]0;title\x07\x1b[31mred"))
+    board.add(result(hosts[3], summary=f"fine{OSC52_C1}\x07\x00"))
+    board.finish(
+        FleetResult("c", dict(board.results), frozenset(hosts[1:3]), frozenset(hosts), elapsed=1)
+    )
+    texts = [board.render()[0], board.full_text(), board.footer(), board.render(limit=60)[0]]
+    for text in texts:
+        assert "\x1b" not in text
+        assert not any("\x80" <= ch <= "\x9f" or (ch < " " and ch != "\n") for ch in text)
+        assert "cHduZWQ=\x07" not in text
+    assert "❌ web-1" in texts[0]
+    assert "bad red" in texts[0]
+    assert board.footer().startswith("❌ 1 failed: web-1 · 2 silent: ")
+
+
+def test_board_cuts_before_it_cleans_or_redacts() -> None:
+    seen: list[int] = []
+
+    def clean(text: str) -> str:
+        seen.append(len(text))
+        return text
+
+    board = FleetBoard(title="t", clean=clean)
+    board.add(result("h" + "x" * 1_000_000, summary="a.a." * 250_000))
+    board.render()
+    assert seen
+    assert max(seen) <= SUMMARY_LIMIT + len(" […]")
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import time
@@ -16,26 +17,34 @@ from core.control_ops import (
     INTERRUPTED,
     NOT_ALLOWED,
     ConfigError,
+    FleetResult,
+    HostResult,
+    Published,
     build_command,
-    command_stream_key,
     daemon_settings_from_env,
     heartbeat_key,
-    hosts_index_key,
     main,
     results_key,
 )
+from core.control_ops.cli import LiveTable
+from core.control_ops.wire import heartbeat_value
 from core.settings import SettingsError
 from tests.support.fleet import (
     DEADLINE,
     SECRET,
+    heartbeat_fields,
     kill_orphaned_group,
     lines,
     make_daemon,
+    next_command_id,
     pending_count,
+    plant_answer,
+    plant_heartbeat,
     read_results,
     recorded_calls,
     run_cli,
     serving,
+    signed_ghost,
     start_daemon_process,
     stop_process,
     systemctl_stand_in,
@@ -199,47 +208,77 @@ async def test_cli_publish_prints_a_table_and_exits_nonzero_on_failure(
 
 
 async def answer_as(url: str, prefix: str, host: str, summary: str) -> None:
-    """Stand in for ``host``: wait for the next command and answer it ok."""
+    """Stand in for ``host`` (it holds the secret): answer the next command ok, signed."""
     client = aioredis.Redis.from_url(url, socket_timeout=DEADLINE + 5)
     try:
-        reply = await client.xread({command_stream_key(prefix): "0"}, count=1, block=10_000)
-        assert reply, "no command was published"
-        [(_stream, [(_entry, fields)])] = reply
-        await client.xadd(
-            results_key(fields[b"id"].decode(), prefix),
-            {"host": host, "ok": "1", "ran": "1", "summary": summary, "duration": "0.01"},
-        )
+        command_id = await next_command_id(client, prefix)
+        await plant_answer(client, command_id, prefix, HostResult(host, True, True, summary, 0.01))
     finally:
         await client.aclose()
 
 
-async def test_cli_strips_escape_sequences_from_host_names_and_summaries(
+# OSC 52: "write this (base64) to the clipboard", in its 7-bit and its C1 form.
+OSC52 = "\x1b]52;c;cHduZWQ=\x07"
+OSC52_C1 = "\x9d52;c;cHduZWQ=\x9c"
+
+
+def assert_terminal_safe(out: str) -> None:
+    """No escape sequence can start: no ESC, no other C0 control but newline, no C1 control.
+
+    (The text of a C1-introduced sequence may remain, as inert characters.)
+    """
+    assert "\x1b" not in out
+    assert not any("\x80" <= ch <= "\x9f" or (ch < " " and ch not in "\n\t") for ch in out)
+
+
+async def test_cli_shows_nothing_from_redis_raw_in_its_header_rows_or_footer(
     redis_server: RedisServer, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    # Host names come from Redis: whoever can write there could retitle the operator's
-    # terminal (OSC) or clear it (CSI) through the header, a row or the footer.
-    answering, silent = "\x1b[2Jweb-1", "\x1b]0;pwned\x07web-2"
-    for host in (answering, silent):
-        await redis_client.set(heartbeat_key(host, key_prefix), "{}", px=15_000)
-        await redis_client.sadd(hosts_index_key(key_prefix), host)
+    # Host names and summaries come from Redis: whoever can write there could write the
+    # operator's clipboard (OSC 52), retitle (OSC 0) or clear (CSI) the terminal through the
+    # header, a row or the footer. Names that are no identity are never shown at all (even
+    # when signed with the secret); summaries of real hosts are shown cleaned.
+    await plant_heartbeat(redis_client, f"{OSC52}web-3", key_prefix, "{}")
+    evil = f"evil{OSC52_C1}\x1b[2J"
+    await plant_heartbeat(
+        redis_client, evil, key_prefix, heartbeat_value(heartbeat_fields(evil), SECRET)
+    )
+    await signed_ghost(redis_client, "web-1", key_prefix)  # answered by the stand-in below
+    await signed_ghost(redis_client, "web-2", key_prefix)  # silent
     env = {
         "REDIS_URL": redis_server.url,
         "OPS_CONTROL_SECRET": SECRET,
         "OPS_CONTROL_PREFIX": key_prefix,
     }
-    stand_in = asyncio.create_task(
-        answer_as(redis_server.url, key_prefix, answering, "pong \x1b[31mred\x1b[0m")
-    )
+    summary = f"pong {OSC52}\x1b]0;pwned\x07\x1b[31mred\x1b[0m"
+    stand_in = asyncio.create_task(answer_as(redis_server.url, key_prefix, "web-1", summary))
     code, out = await run_cli("publish", "ping", "--timeout", "2", env=env)
     await asyncio.wait_for(stand_in, DEADLINE)
     assert code == 1, out
-    assert "\x1b" not in out
+    assert_terminal_safe(out)
     assert "pwned" not in out
     shown = out.splitlines()
     assert "expecting 2 host(s): web-1, web-2" in shown
-    assert any(
-        line.startswith("web-1 ") and line.endswith("  pong red") for line in out.splitlines()
-    )
+    assert any(line.startswith("web-1 ") and line.endswith("  pong red") for line in shown)
     assert any(line.startswith("web-2 ") and "SILENT" in line for line in shown)
+    assert "ignored as untrusted (forged, stale, oversized or unexpected): " in out
+    assert "heartbeat: bad host name 2" in out
     assert shown[-1].startswith("1/2 hosts ok in ")
     assert shown[-1].endswith(" s; silent: web-2")
+
+
+def test_the_table_cleans_what_it_is_handed_in_header_rows_and_footer() -> None:
+    # The terminal layer cleans on its own too, whatever publish let through.
+    hosts = [f"{OSC52}web-1", f"web-2{OSC52_C1}", "web-3\x1b[2J"]
+    out = io.StringIO()
+    table = LiveTable(out, secrets=["hunter2-secret"])
+    table.header(Published("c1", "ping", (), frozenset(hosts)))
+    failed = HostResult(hosts[0], False, True, f"{OSC52}hunter2-secret\nline 2", 0.1)
+    table.row(failed)
+    table.footer(FleetResult("c1", {hosts[0]: failed}, frozenset(hosts[1:]), frozenset(hosts)))
+    text = out.getvalue()
+    assert_terminal_safe(text)
+    assert "hunter2-secret" not in text
+    assert "cHduZWQ" not in text.splitlines()[1].split("web-2")[0]  # 7-bit OSC 52 gone whole
+    assert "expecting 3 host(s): web-1, web-3, web-252;c;cHduZWQ=" in text
+    assert text.splitlines()[-1].endswith("; failed: web-1; silent: web-252;c;cHduZWQ=, web-3")

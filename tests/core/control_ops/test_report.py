@@ -47,25 +47,48 @@ def test_the_tally_counts_and_lists_in_natural_order() -> None:
     assert FleetTally.of((), {}).counts(finished=True) == []
 
 
+def footers(fleet: FleetResult) -> tuple[str, str, str]:
+    """The terminal's whole footer, its last line, and the chat board's footer."""
+    out = io.StringIO()
+    LiveTable(out).footer(fleet)
+    board = FleetBoard(title="t")
+    board.finish(fleet)
+    return out.getvalue(), out.getvalue().splitlines()[-1], board.footer()
+
+
+COUNTED = re.compile(r"(?:\d+/\d+ hosts ok|\d+ ok, \d+ skipped of \d+ hosts) in \d+\.\d s")
+
+
 def test_the_command_line_and_the_chat_agree_on_every_count_and_list() -> None:
-    expected = frozenset({"web-10", "web-2", "web-1", "db-1"})
+    # A host that was not expected never reaches a FleetResult: publish drops its answer.
+    expected = frozenset({"web-10", "web-2", "web-1", "db-1", "db-2"})
     results = {
         "web-10": answer("web-10", ok=False),
         "web-1": answer("web-1", ran=False),
         "db-1": answer("db-1"),
-        "late-1": answer("late-1", ok=False),  # not expected: it still counts as a failure
+        "db-2": answer("db-2"),
     }
     fleet = FleetResult("c", results, frozenset({"web-2"}), expected, elapsed=30.04)
+    whole, terminal, chat = footers(fleet)
 
-    out = io.StringIO()
-    LiveTable(out).footer(fleet)
-    terminal = out.getvalue().splitlines()[-1]
-    board = FleetBoard(title="t")
-    board.finish(fleet)
-    chat = board.footer()
+    # A skipped host is never counted as plainly ok, here nor there.
+    assert terminal == "2 ok, 1 skipped of 5 hosts in 30.0 s; failed: web-10; silent: web-2"
+    assert chat == "❌ 1 failed: web-10 · 1 silent: web-2 — 2 ok, 1 skipped of 5 hosts in 30.0 s"
+    assert COUNTED.findall(terminal) == COUNTED.findall(chat) != []
+    assert "web-2  " in whole.splitlines()[0]  # the silent row, before the footer
 
-    assert terminal == "2/5 hosts ok in 30.0 s; failed: late-1, web-10; silent: web-2"
-    assert chat == "❌ 2 failed: late-1, web-10 · 1 silent: web-2 — 2/5 hosts ok in 30.0 s"
-    counted = re.compile(r"\d+/\d+ hosts ok in \d+\.\d s")
-    assert counted.findall(terminal) == counted.findall(chat)
-    assert "web-2  " in out.getvalue().splitlines()[0]  # the silent row, before the footer
+
+def test_a_skipped_pull_is_never_counted_as_plain_ok() -> None:
+    hosts = [f"web-{n}" for n in range(1, 13)]
+    results = {host: answer(host) for host in hosts[:11]}
+    results["web-12"] = answer("web-12", ran=False)  # another service was already pulling
+    fleet = FleetResult("c", results, frozenset(), frozenset(hosts), elapsed=2.0)
+    assert fleet.ok  # nothing failed: the exit status and the audit record say ok
+    _whole, terminal, chat = footers(fleet)
+    assert terminal == "11 ok, 1 skipped of 12 hosts in 2.0 s"
+    assert chat == "✅ 11 ok, 1 skipped of 12 hosts in 2.0 s"
+    assert "12/12" not in terminal + chat
+
+    everyone = {host: answer(host) for host in hosts}
+    _whole, terminal, chat = footers(FleetResult("c", everyone, frozenset(), frozenset(hosts)))
+    assert (terminal, chat) == ("12/12 hosts ok in 0.0 s", "✅ 12/12 hosts ok in 0.0 s")
