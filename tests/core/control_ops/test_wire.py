@@ -28,10 +28,19 @@ from core.control_ops import (
     verify_command,
 )
 from core.control_ops.wire import (
+    HEARTBEAT_FIELDS,
+    HEARTBEAT_VALUE_LIMIT,
     MAX_BLOCK_SECONDS,
+    MAX_CLOCK_SKEW,
+    RESULT_SIGNED_FIELDS,
+    canonical_json,
+    heartbeat_value,
     read_block_seconds,
     result_fields,
+    sign_result,
     stream_entries,
+    verify_heartbeat,
+    verify_result,
 )
 from core.names import Keys
 from core.ops_exec import DEFAULT_KEY_PREFIX
@@ -155,3 +164,80 @@ def test_the_protocol_documents_worked_example_is_what_our_code_computes() -> No
     assert f"{len(payload.encode())} bytes" in example
     assert sign_fields(fields, secret) == signature
     assert verify_command({**fields, "sig": signature}, secret, now=float(fields["issued_at"]))
+
+
+def section(text: str, marker: str) -> str:
+    """The document from ``marker`` to the next worked example (or the end)."""
+    start = text.index(marker)
+    end = text.find("<!-- worked example", start + len(marker))
+    return text[start : end if end != -1 else len(text)]
+
+
+def test_the_protocol_documents_result_example_is_what_our_code_computes() -> None:
+    text = PROTOCOL.read_text(encoding="utf-8")
+    example = section(text, "<!-- worked example: result -->")
+    secret = found(r"secret `([^`]+)`", example)
+    command_id = found(r"to command\s+`([0-9a-f]{32})`", example)
+    payload = found(r"```text\n(.*?)\n```", example)
+    signature = found(r"`sig` is `([0-9a-f]{64})`", example)
+    signed = json.loads(payload)
+    assert signed["command_id"] == command_id
+    fields = {name: signed[name] for name in RESULT_SIGNED_FIELDS[1:]}
+    for name in ("ok", "ran", "summary", "duration"):
+        assert f"`{name}` {'`' if name in ('summary', 'duration') else ''}{fields[name]}" in example
+    assert canonical_json(signed).decode() == payload
+    assert f"payload of {len(payload.encode())} bytes" in example
+    assert sign_result(command_id, fields, secret) == signature
+    result = verify_result({**fields, "sig": signature}, command_id, secret)
+    assert result == HostResult("web-1", True, True, "restarted proxy.service", 0.042)
+
+
+def test_the_protocol_documents_heartbeat_example_is_what_our_code_computes() -> None:
+    text = PROTOCOL.read_text(encoding="utf-8")
+    example = section(text, "<!-- worked example: heartbeat -->")
+    secret = found(r"secret `([^`]+)`", example)
+    value = found(r"```json\n(.*?)\n```", example)
+    fields = json.loads(value)
+    assert heartbeat_value(fields, secret) == value
+    sent_at = float(fields["sent_at"])
+    assert verify_heartbeat("web-1", value, secret, now=sent_at) == {
+        name: fields[name] for name in HEARTBEAT_FIELDS
+    }
+    assert len(value.encode()) <= HEARTBEAT_VALUE_LIMIT
+
+
+def test_commands_issued_beyond_the_skew_allowance_are_refused() -> None:
+    fields = build_command("pull", [], requested_by="me", secret=SECRET, now=1000.0, ttl=60)
+    assert verify_command(fields, SECRET, now=1000.0 - MAX_CLOCK_SKEW)  # our clock is behind
+    with pytest.raises(CommandRejected, match=r"^rejected: issued in the future$"):
+        verify_command(fields, SECRET, now=1000.0 - MAX_CLOCK_SKEW - 0.5)
+
+
+def test_the_clock_skew_allowance_has_one_home() -> None:
+    from core.chat import fleet_action
+
+    # The chat's validity slack is the protocol's skew allowance.
+    assert fleet_action.FLEET_TTL_SLACK == MAX_CLOCK_SKEW
+
+
+def test_the_protocol_document_states_the_limits_our_code_enforces() -> None:
+    from core.control_ops import collect, host_state, wire
+
+    text = PROTOCOL.read_text(encoding="utf-8")
+    limits = {
+        "COMMAND_ENTRY_LIMIT": wire.COMMAND_ENTRY_LIMIT,
+        "MAX_CLOCK_SKEW": wire.MAX_CLOCK_SKEW,
+        "MAX_FLEET_HOSTS": wire.MAX_FLEET_HOSTS,
+        "HEARTBEAT_VALUE_LIMIT": wire.HEARTBEAT_VALUE_LIMIT,
+        "RESULT_ENTRY_LIMIT": wire.RESULT_ENTRY_LIMIT,
+        "WAKE_COUNT": collect.WAKE_COUNT,
+        "RESULT_READ_COUNT": collect.RESULT_READ_COUNT,
+        "LEDGER_CAPACITY": host_state.LEDGER_CAPACITY,
+        "SUMMARY_LIMIT": wire.SUMMARY_LIMIT,
+    }
+    for name, value in limits.items():
+        # As the document writes numbers: 4000, 17 024.
+        spelt = f"{int(value):,}".replace(",", " ") if value >= 10_000 else str(int(value))
+        assert f"`{name}` = {spelt}" in text, (name, spelt)
+    assert "`RESULT_READ_BYTES` = 256 KiB" in text
+    assert collect.RESULT_READ_BYTES == 256 * 1024
