@@ -4,14 +4,17 @@ For each N (default 10, 100, 500; pass others as arguments) the same process run
 
 * N ``ControlDaemon`` tasks, one Redis client each (``core.redis_client.make_redis``, as
   deployed), answering the no-op ``ping`` op; a round is ``publish(ping)`` until all N results
-  are in (signing, the alive-host read, verification, the per-host at-most-once marker, the
-  result write and acknowledgement all included). The daemon uses redis-py's ordinary client
-  calls only;
+  are in (signing, the heartbeat read and the check of every heartbeat's signature and
+  freshness, verification, the per-host at-most-once marker, the signed result write and
+  acknowledgement, the publisher's bounded reads and the check of every answer's signature all
+  included). The daemon uses redis-py's ordinary client calls only; its state dir is a
+  temporary directory;
 * two floors with no daemon logic: N bare consumers, one client each, doing XREADGROUP on
   their own group and an XADD "ack" per command, and a publisher doing XADD then XREAD until
   N acks. The "bare" floor sends one-field entries both ways (the minimal transport); the
   "wire" floor sends the very entries the fleet exchanges (the seven signed command fields out,
-  the five result fields back), so daemon/wire isolates the cost of the daemon's logic.
+  the six result fields back, a signature included), so daemon/wire isolates the cost of the
+  daemon's and the publisher's logic.
 
 Rounds alternate between the three so drift (CPU frequency, other load) hits all alike, and the
 ratios are printed side by side for each N. **Target:** the daemon's p50 at most 1.5 × the wire
@@ -108,6 +111,7 @@ class Tally:
 @contextlib.asynccontextmanager
 async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis]:
     clients = [make_redis(url) for _ in range(n)]
+    state = tempfile.TemporaryDirectory(prefix="fleet-bench-state-")
     fleet = [
         ControlDaemon(
             client,
@@ -116,6 +120,7 @@ async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis
             pull_targets={},
             restart_units=(),
             prefix=prefix,
+            state_dir=state.name,
         )
         for i, client in enumerate(clients)
     ]
@@ -123,7 +128,7 @@ async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis
     publisher = make_redis(url)
     try:
         await asyncio.wait_for(asyncio.gather(*(d.serving.wait() for d in fleet)), 60)
-        if len(await alive_hosts(publisher, prefix=prefix)) != n:
+        if len(await alive_hosts(publisher, prefix=prefix, secret=SECRET)) != n:
             raise RuntimeError("not every daemon heartbeated")
         yield publisher
     finally:
@@ -132,6 +137,7 @@ async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(client.aclose() for client in clients))
         await publisher.aclose()
+        state.cleanup()
 
 
 async def daemon_round(publisher: aioredis.Redis, n: int, prefix: str, tally: Tally) -> None:
@@ -164,6 +170,8 @@ async def daemon_round(publisher: aioredis.Redis, n: int, prefix: str, tally: Ta
 # daemon is its logic alone (verification, marker, Lua result+ack, heartbeats).
 
 BARE, WIRE = "bare", "wire"
+# A signature's size on the wire (the floor signs and checks nothing).
+FLOOR_SIG = "0" * 64
 
 
 def _ack_key(prefix: str, mode: str, command_id: str) -> str:
@@ -186,7 +194,7 @@ async def bare_consumer(
             for _entry_id, fields in entries:
                 ack: dict[str, str] = {"host": name}
                 if mode == WIRE:
-                    ack.update(ok="1", ran="1", summary="pong", duration="0.000")
+                    ack.update(ok="1", ran="1", summary="pong", duration="0.000", sig=FLOOR_SIG)
                 await client.xadd(_ack_key(prefix, mode, fields[b"id"].decode()), ack)
 
 
