@@ -10,23 +10,32 @@ content, ``allowed_mentions``, ``message_reference``, flags, components. Waits a
 and bounded (:meth:`FakeDiscord.wait_until`). Routes the fake does not know answer 404 and are
 recorded as ``UNHANDLED`` (:meth:`FakeDiscord.unhandled`). The gateway is in
 :mod:`tests.support.fake_discord_gateway`, the payloads in
-:mod:`tests.support.fake_discord_payloads`; tests/e2e/README.md lists what is supported.
+:mod:`tests.support.fake_discord_payloads`, the recorded requests and error answers in
+:mod:`tests.support.fake_discord_http`; tests/e2e/README.md lists what is supported.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from tests.support import fake_discord_payloads as p
 from tests.support.fake_discord_gateway import Gateway, GatewaySession, GatewayWorld
+from tests.support.fake_discord_http import (
+    DiscordError,
+    Recorded,
+    json_response,
+    pings_nobody,
+    read_body,
+)
+
+__all__ = ["DiscordError", "FakeDiscord", "InteractionState", "Recorded", "pings_nobody"]
 
 T = TypeVar("T")
 API = "/api/v10"
@@ -34,88 +43,8 @@ API = "/api/v10"
 TOKEN_ROUTES = ("/interactions/", "/webhooks/")
 #: Interaction callback types (Discord's names) that create or change a message.
 CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE, UPDATE_MESSAGE = 4, 5, 6, 7
+#: The flag of a deferred response's message until it is edited.
 LOADING = 1 << 7
-
-
-@dataclass
-class Recorded:
-    """One REST request the bot made, and the fake's answer."""
-
-    seq: int
-    method: str
-    #: The route as discord.py's ``Route`` spells it: ``/channels/{channel_id}/messages``.
-    route: str
-    path: str
-    params: dict[str, str]
-    query: dict[str, str]
-    json: Any
-    files: dict[str, bytes]
-    authorization: str | None
-    status: int = 0
-    response: Any = None
-
-    @property
-    def key(self) -> str:
-        """``METHOD route``, e.g. ``POST /channels/{channel_id}/messages``."""
-        return f"{self.method} {self.route}"
-
-    @property
-    def body(self) -> dict[str, Any]:
-        """The message fields: an interaction callback's ``data``, else the JSON body."""
-        data = self.json
-        if self.route.endswith("/callback") and isinstance(data, dict):
-            data = data.get("data")
-        return data if isinstance(data, dict) else {}
-
-    @property
-    def content(self) -> str | None:
-        """The message text sent."""
-        return self.body.get("content")
-
-    @property
-    def allowed_mentions(self) -> Any:
-        """The ``allowed_mentions`` object sent (None when absent)."""
-        return self.body.get("allowed_mentions")
-
-    @property
-    def reference_id(self) -> int | None:
-        """The ID of the message this one replies to, if any."""
-        reference = self.body.get("message_reference")
-        return int(reference["message_id"]) if isinstance(reference, dict) else None
-
-    @property
-    def flags(self) -> int:
-        """The message flags sent (64: ephemeral)."""
-        return int(self.body.get("flags") or 0)
-
-    @property
-    def ephemeral(self) -> bool:
-        """Whether the message is visible to the invoker only."""
-        return bool(self.flags & p.EPHEMERAL)
-
-    @property
-    def components(self) -> list[Any]:
-        """The components (action rows of buttons…) sent."""
-        return list(self.body.get("components") or [])
-
-    @property
-    def created_id(self) -> int | None:
-        """The ID of the message this request created or changed, from the fake's answer."""
-        answer = self.response
-        if isinstance(answer, dict) and isinstance(answer.get("resource"), dict):
-            answer = answer["resource"].get("message")
-        return int(answer["id"]) if isinstance(answer, dict) and "id" in answer else None
-
-
-def pings_nobody(allowed_mentions: Any) -> bool:
-    """Whether ``allowed_mentions`` is ``AllowedMentions.none()``'s."""
-    return (
-        isinstance(allowed_mentions, dict)
-        and allowed_mentions.get("parse") == []
-        and not allowed_mentions.get("users")
-        and not allowed_mentions.get("roles")
-        and not allowed_mentions.get("replied_user")
-    )
 
 
 @dataclass
@@ -129,16 +58,6 @@ class InteractionState:
     callback_type: int | None = None
     original_id: int | None = None
     followup_ids: list[int] = field(default_factory=list)
-
-
-class DiscordError(Exception):
-    """An error answer with Discord's JSON body, raised by a route handler."""
-
-    def __init__(self, status: int, message: str, code: int = 0) -> None:
-        """``status`` with ``{"message": ..., "code": ...}``: Discord's error shape."""
-        super().__init__(message)
-        self.status = status
-        self.payload = {"message": message, "code": code}
 
 
 def _world(name: str = "ops-guild") -> tuple[p.FakeUser, p.FakeUser, p.FakeGuild, dict[str, Any]]:
@@ -275,7 +194,7 @@ class FakeDiscord:
         self, route: str, handler: Callable[[Recorded], Awaitable[Any]]
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            body, files = await _read_body(request)
+            body, files = await read_body(request)
             record = Recorded(
                 seq=len(self.requests) + 1,
                 method=request.method,
@@ -295,10 +214,10 @@ class FakeDiscord:
             except DiscordError as error:
                 record.status, record.response = error.status, error.payload
                 await self.poke()
-                return _json(error.payload, error.status)
+                return json_response(error.payload, error.status)
             record.status, record.response = (204, None) if answer is None else (200, answer)
             await self.poke()
-            return web.Response(status=204) if answer is None else _json(answer)
+            return web.Response(status=204) if answer is None else json_response(answer)
 
         return handle
 
@@ -756,30 +675,3 @@ class FakeDiscord:
 
     async def _unhandled(self, record: Recorded) -> Any:
         raise DiscordError(404, "404: Not Found")
-
-
-def _json(payload: Any, status: int = 200) -> web.Response:
-    """A JSON answer typed exactly ``application/json``: discord.py parses no other type."""
-    return web.Response(
-        status=status,
-        body=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-
-
-async def _read_body(request: web.Request) -> tuple[Any, dict[str, bytes]]:
-    """The JSON body (or a multipart's ``payload_json``) and the files of a multipart body."""
-    if request.content_type.startswith("multipart/"):
-        body: Any = None
-        files: dict[str, bytes] = {}
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "payload_json":
-                body = json.loads(await part.text())
-            elif part.filename is not None:
-                files[part.filename] = bytes(await part.read())
-        return body, files
-    raw = await request.read()
-    return (json.loads(raw) if raw else None), {}
