@@ -170,3 +170,17 @@ async def test_autocomplete_then_the_command_with_the_chosen_value(
     assert suggested.json["type"] == 8
     assert suggested.body["choices"] == [{"name": "nginx.service", "value": "nginx.service"}]
     assert answer.content == "picked nginx.service"
+
+
+async def test_without_the_message_content_intent_a_bot_gets_messages_without_content(
+    interaction_bot: BotProcess, fake_discord: FakeDiscord
+) -> None:
+    """interaction_bot.py asks for the default intents only, as slash-first bots do."""
+    bot_id = fake_discord.bot_user.id
+
+    plain = await fake_discord.post("!bot_pull", by=fake_discord.alice)
+    mention = await fake_discord.post(f"<@{bot_id}> hello", by=fake_discord.alice)
+
+    assert plain["content"] == ""
+    assert mention["content"] == f"<@{bot_id}> hello"
+    assert fake_discord.messages[int(plain["id"])]["content"] == "!bot_pull"

@@ -310,7 +310,12 @@ class FakeDiscord:
     async def post(
         self, content: str, *, by: p.FakeMember, channel: p.FakeChannel | None = None
     ) -> dict[str, Any]:
-        """``by`` posts ``content`` (MESSAGE_CREATE on the current session); the message."""
+        """``by`` posts ``content`` (MESSAGE_CREATE on the current session); the message sent.
+
+        As Discord does, a bot that did not ask for the message content intent gets the
+        message without its content (and embeds, attachments, components) unless it is
+        mentioned: a slash-first bot never sees ``!bot_pull``.
+        """
         channel = channel or self.channel
         data = p.message(
             message_id=self.ids(),
@@ -321,7 +326,11 @@ class FakeDiscord:
             member=by,
         )
         self.messages[int(data["id"])] = data
-        await self._current().dispatch("MESSAGE_CREATE", data)
+        session = self._current()
+        intents = int((session.identify or {}).get("intents") or 0)
+        if not intents & p.MESSAGE_CONTENT_INTENT and f"<@{self.bot_user.id}>" not in content:
+            data = {**data, "content": "", "embeds": [], "attachments": [], "components": []}
+        await session.dispatch("MESSAGE_CREATE", data)
         return data
 
     def command_data(self, name: str, options: list[dict[str, Any]]) -> dict[str, Any]:

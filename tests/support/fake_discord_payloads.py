@@ -22,6 +22,8 @@ VIEW_CHANNEL = 1 << 10
 SEND_MESSAGES = 1 << 11
 READ_MESSAGE_HISTORY = 1 << 16
 EVERYONE_PERMISSIONS = VIEW_CHANNEL | SEND_MESSAGES | READ_MESSAGE_HISTORY
+#: The gateway intent without which Discord sends bots messages without their content.
+MESSAGE_CONTENT_INTENT = 1 << 15
 #: Message flags.
 EPHEMERAL = 1 << 6
 #: Interaction types.
