@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from core.chat.fleet_board import FleetBoard, LiveMessage
 from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Plan
 from core.chat.replies import Replies
-from core.control_ops import FleetResult, HostResult, Published, publish
+from core.control_ops import MAX_CLOCK_SKEW, FleetResult, HostResult, Published, publish
 from core.names import DEFAULT_TARGET, target_name
 from core.ops_exec import redis_errors, validate_unit_name
 from core.settings import Settings
@@ -30,9 +30,10 @@ __all__ = ["FLEET_TTL_SLACK", "FleetCommands", "FleetConfig"]
 
 log = logging.getLogger("cogs.admin_ops.fleet")
 
-#: A fleet command stays valid this long past ``OPS_FLEET_TIMEOUT``, for clock skew between hosts;
-#: a host that was away longer than that never runs it later, behind the operator's back.
-FLEET_TTL_SLACK: Final = 30.0
+#: A fleet command stays valid this long past ``OPS_FLEET_TIMEOUT``, for clock skew between hosts
+#: (the skew every daemon allows); a host that was away longer never runs it later, behind the
+#: operator's back.
+FLEET_TTL_SLACK: Final = MAX_CLOCK_SKEW
 
 
 @dataclass(frozen=True)

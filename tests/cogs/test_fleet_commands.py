@@ -28,12 +28,12 @@ import redis.asyncio as aioredis
 from cogs.admin_ops import MESSAGE_LIMIT, AdminOps
 from core.control_ops import (
     ControlDaemon,
+    HostResult,
     alive_hosts,
     command_stream_key,
-    heartbeat_key,
-    hosts_index_key,
     results_key,
 )
+from core.control_ops.wire import result_fields
 from tests.support.chat import (
     AUDIT_LOGGER,
     Harness,
@@ -43,6 +43,7 @@ from tests.support.chat import (
     only_reply,
     replies_to,
 )
+from tests.support.fleet import signed_ghost
 from tests.support.git import GitRepos, git
 from tests.support.redis_proc import RedisServer, free_port
 
@@ -107,8 +108,7 @@ class Fleet:
     async def ghost(self, identity: str) -> None:
         """A heartbeat with no daemon behind it: a host that is expected but never answers."""
         client = self.clients[0] if self.clients else await self._client()
-        await client.set(heartbeat_key(identity, self.prefix), "{}", px=15_000)
-        await client.sadd(hosts_index_key(self.prefix), identity)
+        await signed_ghost(client, identity, self.prefix, secret=SECRET)
 
     async def _client(self) -> aioredis.Redis:
         client = aioredis.Redis.from_url(self.url, socket_timeout=5)
@@ -188,10 +188,10 @@ async def answer_in_one_burst(
         command_id = fields[b"id"].decode()
         pipe = client.pipeline(transaction=True)  # one MULTI: every answer lands together
         for host in hosts:
-            pipe.xadd(
-                results_key(command_id, prefix),
-                {"host": host, "ok": "1", "ran": "1", "summary": summary(host), "duration": "0.01"},
-            )
+            # Signed, as a real daemon's answer is: the publisher believes nothing else.
+            answer = HostResult(host, ok=True, ran=True, summary=summary(host), duration=0.01)
+            fields = result_fields(answer, command_id=command_id, secret=SECRET)
+            pipe.xadd(results_key(command_id, prefix), dict(fields))
         await pipe.execute()
     finally:
         await client.aclose()
@@ -631,7 +631,7 @@ async def test_the_bot_can_join_the_fleet_with_an_in_process_daemon(
     )
     await harness.remove_cog()  # a clean stop: the bot leaves the fleet at once
     assert cog.control_task is None
-    assert await alive_hosts(redis_client, prefix=key_prefix) == {"web-1"}
+    assert await alive_hosts(redis_client, prefix=key_prefix, secret=SECRET) == {"web-1"}
 
 
 # --------------------------------------------------------------------------------------------
