@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Final, Literal, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +30,9 @@ from core.ops_exec import MIN_SECRET_LENGTH, redact, systemctl_argv, validate_un
 
 __all__ = [
     "ALWAYS_SECRET",
+    "DEFAULT_HEALTHY_AFTER",
+    "DEFAULT_PIP_TIMEOUT",
+    "DEFAULT_REQUIREMENTS",
     "DEFAULT_RESTART_MIN_INTERVAL",
     "MAX_SECONDS",
     "EnvReader",
@@ -47,6 +50,12 @@ RestartMode = Literal["systemd", "exit"]
 MAX_SECONDS: Final = 3600.0
 #: Seconds a unit must have run before a command may restart it again.
 DEFAULT_RESTART_MIN_INTERVAL: Final = 60.0
+#: The requirements file ``!bot_deps`` installs, relative to the checkout.
+DEFAULT_REQUIREMENTS: Final = "requirements.txt"
+#: Seconds ``!bot_deps`` gives pip.
+DEFAULT_PIP_TIMEOUT: Final = 300.0
+#: Seconds the bot must have been ready and connected before its commit counts as good.
+DEFAULT_HEALTHY_AFTER: Final = 60.0
 #: Variables whose values are secrets wherever they appear, besides the token and Redis password.
 ALWAYS_SECRET: Final = ("OPS_CONTROL_SECRET",)
 #: Variables that must never be handed to git, whatever ``OPS_GIT_ENV_PASSTHROUGH`` says.
@@ -292,6 +301,27 @@ class EnvReader:
     def restart_min_interval(self) -> float:
         """``OPS_RESTART_MIN_INTERVAL``: seconds a unit must have run before a restart."""
         return self.seconds("OPS_RESTART_MIN_INTERVAL", DEFAULT_RESTART_MIN_INTERVAL)
+
+    def requirements(self) -> str:
+        """``OPS_REQUIREMENTS``: the file ``!bot_deps`` installs, a path inside the checkout."""
+        name = "OPS_REQUIREMENTS"
+        raw = self.text(name)
+        if raw is None:
+            return DEFAULT_REQUIREMENTS
+        path = PurePosixPath(raw)
+        # Relative and without "..": whatever the checkout holds, pip reads nothing outside it.
+        if path.is_absolute() or ".." in path.parts or not path.parts or "\x00" in raw:
+            self.problem(name, f"must be a path relative to the checkout, inside it, got {raw!r}")
+            return DEFAULT_REQUIREMENTS
+        return path.as_posix()
+
+    def pip_timeout(self) -> float:
+        """``OPS_PIP_TIMEOUT``: seconds ``!bot_deps`` gives pip before stopping it."""
+        return self.seconds("OPS_PIP_TIMEOUT", DEFAULT_PIP_TIMEOUT, minimum=1.0)
+
+    def healthy_after(self) -> float:
+        """``OPS_HEALTHY_AFTER``: seconds ready and connected before a commit counts as good."""
+        return self.seconds("OPS_HEALTHY_AFTER", DEFAULT_HEALTHY_AFTER, minimum=1.0)
 
     def systemctl(self) -> None:
         """``OPS_SYSTEMCTL``: read by ``core.ops_exec`` at each call; checked here at start."""

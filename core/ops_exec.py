@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -45,8 +45,10 @@ __all__ = [
     "REDIS_CALL_TIMEOUT",
     "SYSTEMCTL_TIMED_OUT",
     "UNIT_SUFFIXES",
+    "CheckoutRefusal",
     "Cooldown",
     "ExecResult",
+    "HeldCheckout",
     "PullOutcome",
     "PullResult",
     "UnitResult",
@@ -56,9 +58,12 @@ __all__ = [
     "bounded",
     "clean_text",
     "deferred_systemctl_restart",
+    "git_commit",
     "git_env",
+    "git_failure_summary",
     "git_head",
     "git_upstream",
+    "locked_checkout",
     "pull_checkout",
     "pull_lock_key",
     "pull_lock_ttl",
@@ -67,14 +72,19 @@ __all__ = [
     "redact",
     "redis_errors",
     "request_restart",
+    "reset_failed_unit",
     "restart_unit",
+    "run_checkout_git",
     "run_exec",
     "run_git_pull",
     "sanitize_output",
     "ssh_batch_command",
+    "stale_index_lock",
+    "start_unit",
     "systemctl_argv",
     "systemctl_is_active",
     "systemctl_restart",
+    "unit_restart_count",
     "unit_started_ago",
     "unit_state",
     "validate_unit_name",
@@ -542,6 +552,16 @@ async def git_upstream(repo_dir: str | os.PathLike[str]) -> str | None:
     return (result.stdout.strip() or None) if result.ok else None
 
 
+async def git_commit(repo_dir: str | os.PathLike[str], rev: str = "HEAD") -> str | None:
+    """The full hash of the commit ``rev`` names in ``repo_dir``, or None when there is none."""
+    if rev.startswith("-"):
+        return None  # an option, not a revision
+    result = await _git(
+        os.fspath(repo_dir), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"
+    )
+    return (result.stdout.strip() or None) if result.ok else None
+
+
 # --------------------------------------------------------------------------------------------
 # Unit names and systemctl
 # --------------------------------------------------------------------------------------------
@@ -785,6 +805,58 @@ async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:
     return str(await unit_state(unit, timeout))
 
 
+async def _unit_job(
+    verb: str, service: str, timeout: float, secrets: Iterable[str], done: str
+) -> UnitResult:
+    """``systemctl <verb> -- <unit>``, waiting for the job; ``done`` words the success."""
+    try:
+        unit = validate_unit_name(service)
+        program = systemctl_argv()
+    except ValueError as exc:
+        return UnitResult(False, str(exc))
+    argv = [*program, "--no-ask-password", verb, "--", unit]
+    result = await run_exec(argv, env=_service_env(), timeout=timeout)
+    if result.ok:
+        return UnitResult(True, redact(f"{done} {unit}"))
+    summary = _systemctl_failure(unit, verb, result, timeout, tuple(secrets))
+    return UnitResult(False, summary, timed_out=result.timed_out)
+
+
+async def start_unit(
+    service: str, timeout: float = 20.0, *, secrets: Iterable[str] = ()
+) -> UnitResult:
+    """Start a unit and wait for the job (the crash-loop guard starts the bot it rolled back)."""
+    return await _unit_job("start", service, timeout, secrets, "started")
+
+
+async def reset_failed_unit(
+    service: str, timeout: float = 10.0, *, secrets: Iterable[str] = ()
+) -> UnitResult:
+    """Clear a unit's failed state and its start-limit count (``systemctl reset-failed``).
+
+    A unit that hit its start limit refuses every start until this is done.
+    """
+    return await _unit_job("reset-failed", service, timeout, secrets, "reset the failed state of")
+
+
+async def unit_restart_count(unit: str, timeout: float = 5.0) -> int | None:
+    """How often systemd restarted ``unit`` on its own since it was last started on request.
+
+    systemd's ``NRestarts``; None when systemctl cannot tell.
+    """
+    try:
+        name = validate_unit_name(unit)
+        program = systemctl_argv()
+    except ValueError:
+        return None
+    argv = [*program, "--no-ask-password", "show", "--property=NRestarts", "--value", "--", name]
+    result = await run_exec(argv, env=_service_env(), timeout=timeout)
+    text = result.stdout.strip()
+    if not result.ok or not text.isascii() or not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)
+
+
 # --------------------------------------------------------------------------------------------
 # Small JSON state files
 # --------------------------------------------------------------------------------------------
@@ -936,15 +1008,17 @@ def pull_lock_key(
     return f"{prefix}:pull:{host}:{os.path.realpath(repo_dir)}"
 
 
-_PULL_ARGV = (
-    "git",
-    # No credential helper or askpass program may run: an unattended pull must fail, not wait.
+#: What every git run in a checkout gets, a pull's or not.
+_GIT_HARDENING = (
+    # No credential helper or askpass program may run: an unattended git must fail, not wait.
     "-c", "credential.helper=",
     "-c", "core.askPass=",
     "-c", "color.ui=never",
     # Submodules are not ours to update from chat.
     "-c", "submodule.recurse=false",
-    "pull", "--ff-only", "--no-rebase", "--no-stat", "--no-edit",
+)  # fmt: skip
+_PULL_ARGV = (
+    "git", *_GIT_HARDENING, "pull", "--ff-only", "--no-rebase", "--no-stat", "--no-edit",
 )  # fmt: skip
 _MAX_LISTED_COMMITS = 10
 _LOCK_FILE_NAME = "admin-ops-pull.lock"
@@ -1002,11 +1076,41 @@ _PULL_FAILURES: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def _classify_pull_failure(stderr: str, returncode: int | None) -> str:
+def _classify_pull_failure(
+    stderr: str, returncode: int | None, *, refused: str = "Not pulled", what: str = "git pull"
+) -> str:
     for needles, headline in _PULL_FAILURES:
         if any(needle in stderr for needle in needles):
-            return headline
-    return f"git pull failed (exit {returncode})."
+            return _reprefixed(headline, refused)
+    return f"{what} failed (exit {returncode})."
+
+
+def _reprefixed(text: str, refused: str) -> str:
+    """A pull's sentence said of another git operation (``Not fetched: …``)."""
+    return refused + text.removeprefix("Not pulled") if text.startswith("Not pulled") else text
+
+
+def git_failure_summary(
+    result: ExecResult,
+    *,
+    timeout: float,
+    refused: str = "Not pulled",
+    what: str = "git",
+    secrets: Sequence[str] = (),
+) -> str:
+    """What went wrong in a git run of :func:`run_checkout_git`, in the words a pull uses.
+
+    ``refused`` starts the sentence when git refused (``Not fetched``), ``what`` names the
+    operation when git just failed or timed out (``git fetch``).
+    """
+    if result.timed_out:
+        return _with_detail(
+            f"{what} timed out after {timeout:g}s; stopped.", result.stderr, secrets
+        )
+    if result.returncode is None:
+        return f"{refused}: {result.stderr}"
+    headline = _classify_pull_failure(result.stderr, result.returncode, refused=refused, what=what)
+    return _with_detail(headline, result.stderr, secrets)
 
 
 def _with_detail(headline: str, detail: str, secrets: Sequence[str] = ()) -> str:
@@ -1054,10 +1158,10 @@ class _RepoInfo(NamedTuple):
     head: str | None
 
 
-async def _inspect_checkout(repo_dir: str) -> _RepoInfo | str:
+async def _inspect_checkout(repo_dir: str, refused: str = "Not pulled") -> _RepoInfo | str:
     """The checkout's git dir and HEAD, or a sentence saying why it is not a usable checkout."""
     if not os.path.isdir(repo_dir):
-        return f"Not pulled: {repo_dir} does not exist or is not a directory."
+        return f"{refused}: {repo_dir} does not exist or is not a directory."
     # One git process for the work-tree test, the git dir and HEAD; with an unborn HEAD it
     # exits 1 after printing the first two.
     result = await _git(
@@ -1068,8 +1172,9 @@ async def _inspect_checkout(repo_dir: str) -> _RepoInfo | str:
     lines = result.stdout.splitlines()
     if result.returncode not in (0, 1) or len(lines) < 2 or lines[0] != "true":
         if "dubious ownership" in result.stderr:
-            return _with_detail(_classify_pull_failure(result.stderr, None), result.stderr)
-        return f"Not pulled: {repo_dir} is not a git checkout."
+            headline = _classify_pull_failure(result.stderr, None, refused=refused)
+            return _with_detail(headline, result.stderr)
+        return f"{refused}: {repo_dir} is not a git checkout."
     head = lines[2].strip() if result.returncode == 0 and len(lines) > 2 else None
     return _RepoInfo(git_dir=lines[1], head=head or None)
 
@@ -1133,10 +1238,10 @@ def _index_lock_mtime(git_dir: str) -> float | None:
         return None
 
 
-def _stale_lock_message(git_dir: str) -> str:
+def _stale_lock_message(git_dir: str, refused: str = "Not pulled") -> str:
     lock = os.path.join(git_dir, "index.lock")
     return (
-        f"Not pulled: {lock} exists, so git cannot update the checkout. Another git process "
+        f"{refused}: {lock} exists, so git cannot update the checkout. Another git process "
         "may be running; if none is (check with `pgrep -a git`), a crashed one left it: "
         f"remove it with `rm {shlex.quote(lock)}` and pull again."
     )
@@ -1301,6 +1406,106 @@ async def pull_checkout(
     return result._replace(summary=redact(result.summary, secrets))
 
 
+class HeldCheckout(NamedTuple):
+    """A checkout whose host-local lock this process holds (see :func:`locked_checkout`)."""
+
+    #: The real path of the checkout's top level.
+    path: str
+    git_dir: str
+    #: The full hash of HEAD when the lock was taken (None on an unborn branch).
+    head: str | None
+
+
+class CheckoutRefusal(NamedTuple):
+    """Why :func:`locked_checkout` holds no lock: another process holds it, or a problem."""
+
+    #: One sentence (empty when ``busy``: the caller words that).
+    summary: str
+    #: Another process on this host holds the lock; ``holder`` says who, when it said.
+    busy: bool = False
+    holder: str = ""
+
+
+@contextlib.asynccontextmanager
+async def locked_checkout(
+    repo_dir: str | os.PathLike[str], *, holder: str = "", refused: str = "Not pulled"
+) -> AsyncIterator[HeldCheckout | CheckoutRefusal]:
+    """Hold the checkout's host-local lock, the one every pull takes, for the block.
+
+    Yields a :class:`HeldCheckout`, or a :class:`CheckoutRefusal` when the lock is taken or the
+    path is not a usable checkout (``refused`` starts that sentence: ``Not fetched``). Fetches
+    and rollbacks take it as pulls do, so no two of them work in one checkout at once on this
+    host, whichever service asked. The lock is never waited for.
+    """
+    if "\x00" in os.fspath(repo_dir):
+        yield CheckoutRefusal(f"{refused}: the path contains a NUL byte.")
+        return
+    path = os.path.realpath(repo_dir)
+    who = holder or f"{socket.gethostname()}:{os.getpid()}"
+    # Take the lock before running any git when the git dir is evident: a caller that loses
+    # costs an open() and a flock(), not a git process.
+    info: _RepoInfo | str | None = None
+    git_dir = _quick_git_dir(path)
+    if git_dir is None:
+        info = await _inspect_checkout(path, refused)
+        if isinstance(info, str):
+            yield CheckoutRefusal(info)
+            return
+        git_dir = os.path.realpath(info.git_dir)
+    lock_path = os.path.join(git_dir, _LOCK_FILE_NAME)
+    try:
+        lock_fd, other = _try_flock(lock_path, who)
+    except OSError as exc:  # a read-only mount, a foreign owner, something else in its place
+        reason = exc.strerror or exc
+        yield CheckoutRefusal(f"{refused}: cannot open the pull lock {lock_path}: {reason}.")
+        return
+    if lock_fd is None:
+        yield CheckoutRefusal("", busy=True, holder=other)
+        return
+    try:
+        if info is None:
+            info = await _inspect_checkout(path, refused)
+        if isinstance(info, str):
+            yield CheckoutRefusal(info)
+        else:
+            yield HeldCheckout(path, info.git_dir, info.head)
+    finally:
+        _release_flock(lock_fd)
+
+
+async def run_checkout_git(
+    held: HeldCheckout,
+    *args: str,
+    timeout: float = 60.0,
+    env_passthrough: Iterable[str] = (),
+    network: bool = False,
+) -> ExecResult:
+    """Run git with a pull's hardening in a checkout whose lock this process holds.
+
+    No credential helper, askpass program, colour or submodule recursion; the environment
+    from the allowlist. ``network``: the command talks to the remote (a fetch), so it gets a
+    pull's ssh command too (the checkout's own, unable to prompt). A run stopped at its
+    timeout that left an index.lock behind has it removed as after a pull, when it is ours.
+    """
+    passthrough = tuple(env_passthrough)
+    env = await _pull_env(held.path, passthrough) if network else git_env(passthrough=passthrough)
+    started = time.time()
+    argv = ["git", *_GIT_HARDENING, *args]
+    result = await run_exec(argv, cwd=held.path, env=env, timeout=timeout)
+    if result.timed_out:
+        note = _clean_index_lock_after_kill(held.path, held.git_dir, started, result)
+        if note:
+            result = result._replace(stderr=f"{result.stderr}{note}")
+    return result
+
+
+def stale_index_lock(held: HeldCheckout, refused: str = "Not pulled") -> str | None:
+    """Why git cannot change the checkout's index now (an index.lock exists), or None."""
+    if _index_lock_mtime(held.git_dir) is None:
+        return None
+    return _stale_lock_message(held.git_dir, refused)
+
+
 async def _pull_checkout(
     repo_dir: str | os.PathLike[str],
     *,
@@ -1311,47 +1516,22 @@ async def _pull_checkout(
     env_passthrough: tuple[str, ...],
     secrets: tuple[str, ...],
 ) -> PullOutcome:
-    if "\x00" in os.fspath(repo_dir):
-        return PullOutcome(ran=False, ok=False, summary="Not pulled: the path contains a NUL byte.")
-    path = os.path.realpath(repo_dir)
     holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    # Take the host-local lock before running any git when the git dir is evident: a caller
-    # that loses costs an open() and a flock(), not a git process.
-    info: _RepoInfo | None = None
-    git_dir = _quick_git_dir(path)
-    if git_dir is None:
-        inspected = await _inspect_checkout(path)
-        if isinstance(inspected, str):
-            return PullOutcome(ran=False, ok=False, summary=inspected)
-        info, git_dir = inspected, os.path.realpath(inspected.git_dir)
-    lock_path = os.path.join(git_dir, _LOCK_FILE_NAME)
-    try:
-        lock_fd, other = _try_flock(lock_path, holder)
-    except OSError as exc:  # a read-only mount, a foreign owner, something else in its place
-        return PullOutcome(
-            ran=False,
-            ok=False,
-            summary=f"Not pulled: cannot open the pull lock {lock_path}: {exc.strerror or exc}.",
-        )
-    if lock_fd is None:
-        who = f" ({other})" if other else ""
-        return PullOutcome(
-            ran=False,
-            ok=True,
-            summary=f"Skipped: another process on this host{who} is already pulling {path}.",
-        )
-    try:
-        if info is None:
-            inspected = await _inspect_checkout(path)
-            if isinstance(inspected, str):
-                return PullOutcome(ran=False, ok=False, summary=inspected)
-            info = inspected
+    async with locked_checkout(repo_dir, holder=holder) as held:
+        if isinstance(held, CheckoutRefusal):
+            if not held.busy:
+                return PullOutcome(ran=False, ok=False, summary=held.summary)
+            who = f" ({held.holder})" if held.holder else ""
+            path = os.path.realpath(repo_dir)
+            return PullOutcome(
+                ran=False,
+                ok=True,
+                summary=f"Skipped: another process on this host{who} is already pulling {path}.",
+            )
         return await _pull_under_flock(
-            path, info, redis=redis, lock_ttl=lock_ttl, holder=holder, timeout=timeout,
-            env_passthrough=env_passthrough, secrets=secrets,
+            held.path, _RepoInfo(held.git_dir, held.head), redis=redis, lock_ttl=lock_ttl,
+            holder=holder, timeout=timeout, env_passthrough=env_passthrough, secrets=secrets,
         )  # fmt: skip
-    finally:
-        _release_flock(lock_fd)
 
 
 async def _pull_under_flock(

@@ -15,6 +15,9 @@ from typing import Final
 
 from core.env_reader import (
     ALWAYS_SECRET,
+    DEFAULT_HEALTHY_AFTER,
+    DEFAULT_PIP_TIMEOUT,
+    DEFAULT_REQUIREMENTS,
     DEFAULT_RESTART_MIN_INTERVAL,
     EnvReader,
     PullTarget,
@@ -39,6 +42,7 @@ __all__ = [
     "PublisherSettings",
     "PullTarget",
     "RestartMode",
+    "RollbackSettings",
     "Settings",
     "SettingsError",
     "default_state_dir",
@@ -57,6 +61,10 @@ COMMANDS: tuple[str, ...] = (
     "fleet_pull",
     "fleet_restart",
     "fleet_status",
+    "bot_fetch",
+    "bot_deps",
+    "ops_reload",
+    "bot_rollback",
 )
 
 #: Seconds between two runs of a command, bot-wide. A command missing here has no cooldown.
@@ -68,6 +76,10 @@ DEFAULT_COOLDOWNS: Mapping[str, float] = {
     "fleet_pull": 15.0,
     "fleet_restart": 30.0,
     "fleet_status": 0.0,
+    "bot_fetch": 15.0,
+    "bot_deps": 60.0,
+    "ops_reload": 5.0,
+    "bot_rollback": 30.0,
 }
 
 #: The Redis key prefix of the fleet's streams and of every key the cog writes.
@@ -94,6 +106,9 @@ class Settings:
     restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL
     pull_timeout: float = 60.0
     git_env_passthrough: tuple[str, ...] = ()
+    requirements: str = DEFAULT_REQUIREMENTS
+    pip_timeout: float = DEFAULT_PIP_TIMEOUT
+    healthy_after: float = DEFAULT_HEALTHY_AFTER
     control_secret: str | None = field(default=None, repr=False)
     control_prefix: str = DEFAULT_CONTROL_PREFIX
     fleet_timeout: float = 30.0
@@ -223,6 +238,9 @@ class Settings:
             restart_min_interval=reader.restart_min_interval(),
             pull_timeout=reader.pull_timeout(),
             git_env_passthrough=reader.git_env_passthrough(),
+            requirements=reader.requirements(),
+            pip_timeout=reader.pip_timeout(),
+            healthy_after=reader.healthy_after(),
             control_secret=control_secret,
             control_prefix=control_prefix,
             fleet_timeout=reader.seconds("OPS_FLEET_TIMEOUT", 30.0, minimum=1.0),
@@ -344,3 +362,36 @@ def _required_secret(reader: EnvReader) -> str:
         reader.problem("OPS_CONTROL_SECRET", "is not set: the fleet's shared HMAC secret")
         return ""
     return secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class RollbackSettings:
+    """What the crash-loop guard (``python -m core.rollback``) reads: the bot's own settings."""
+
+    repo_dir: Path
+    state_dir: Path
+    bot_service: str
+    #: Seconds git may take to move the checkout back (``OPS_PULL_TIMEOUT``).
+    git_timeout: float = 60.0
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RollbackSettings:
+        """Read ``OPS_REPO_DIR``, ``OPS_STATE_DIR``, ``OPS_BOT_SERVICE`` and ``OPS_SYSTEMCTL``.
+
+        ``OPS_BOT_SERVICE`` is required: it is the unit rolled back and started again.
+        """
+        reader = EnvReader(environ_or(environ))
+        unit = reader.unit("OPS_BOT_SERVICE")
+        if reader.text("OPS_BOT_SERVICE") is None:
+            reader.problem("OPS_BOT_SERVICE", "is not set: the unit to roll back and start again")
+        settings = cls(
+            repo_dir=reader.path("OPS_REPO_DIR") or PROJECT_ROOT,
+            state_dir=reader.state_dir(),
+            bot_service=unit or "",
+            git_timeout=reader.pull_timeout(),
+            secrets=reader.secret_values(reader.names("OPS_REDACT_ENV")),
+        )
+        reader.systemctl()
+        reader.raise_problems()
+        return settings
