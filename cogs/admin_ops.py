@@ -8,8 +8,12 @@ every ``cogs/*.py`` as an extension):
   and audit record; :mod:`core.chat.admission` holds its checks, :mod:`core.chat.audit` its
   records, :mod:`core.chat.replies` every message it sends;
 - :mod:`core.chat.actions` (``!bot_pull``, ``!proxy_restart``, ``!ops_status``),
-  :mod:`core.chat.restart` (``!bot_restart`` and "back online"), :mod:`core.chat.fleet_action`
-  (``!fleet_*``), :mod:`core.chat.in_process` (a fleet daemon inside the bot).
+  :mod:`core.chat.update_actions` (``!bot_fetch``, ``!bot_deps``, ``!bot_rollback`` and what a
+  pull needs), :mod:`core.chat.reload_action` (``!ops_reload``), :mod:`core.chat.restart`
+  (``!bot_restart`` and "back online"), :mod:`core.chat.fleet_action` (``!fleet_*``),
+  :mod:`core.chat.in_process` (a fleet daemon inside the bot);
+- :class:`core.last_good.HealthWatch`: the last good commit, once the bot has been connected
+  for ``OPS_HEALTHY_AFTER`` seconds (what the crash-loop guard rolls back to).
 
 A new command is a ``@commands.command`` method that calls :meth:`Pipeline.invoke` with a
 ``configure`` function returning an action (and, for a per-command role override or cooldown
@@ -25,7 +29,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,6 +39,7 @@ from core.chat import process
 from core.chat.actions import HostActions
 from core.chat.admission import Admission, make_cooldowns
 from core.chat.audit import AuditSink
+from core.chat.extensions import note_loaded
 from core.chat.fleet_action import FleetCommands
 from core.chat.fleet_board import FLEET_EDIT_INTERVAL, FleetBoard, LiveMessage
 from core.chat.floods import RefusalFloodGate
@@ -42,9 +47,12 @@ from core.chat.in_process import InProcessDaemon
 from core.chat.invocation import Outcome, Pipeline
 from core.chat.markers import MARKER_MAX_AGE, RestartMarkers, marker_key
 from core.chat.process import RESTART_EXIT_STATUS
+from core.chat.reload_action import ExtensionReloads
 from core.chat.replies import NO_MENTIONS, Replies
 from core.chat.restart import SelfRestart
+from core.chat.update_actions import UpdateActions
 from core.control_ops import ControlDaemon
+from core.last_good import HealthWatch
 from core.names import Keys
 from core.ops_exec import Cooldown
 from core.redis_client import make_redis
@@ -70,6 +78,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: How long a cog being unloaded keeps its Redis client open for invocations still under way
+#: (``!ops_reload cogs.admin_ops`` replies and records through the instance it replaces).
+UNLOAD_GRACE = 30.0
+
 
 def _typed(text: str) -> list[str]:
     """A command's free-text argument as recorded: stripped, and absent when empty."""
@@ -77,13 +89,18 @@ def _typed(text: str) -> list[str]:
 
 
 class AdminOps(commands.Cog):
-    """Restart the bot and its proxy, pull checkouts, show status and drive the fleet.
+    """Restart the bot and its proxy, update and roll back checkouts, reload, drive the fleet.
 
     Only for the application owner and members with an ops role, in the allowed servers and
     channels. Every command goes through one :class:`~core.chat.invocation.Pipeline`: server
     only, role, channel, configured, the roles of what the command also does, already running,
     cooldown, the unit's restart spacing, then the action, one reply and one audit record.
     """
+
+    #: The task recording the last good commit once the bot is healthy.
+    health_task: asyncio.Task[None] | None = None
+    #: Closes the Redis client once the invocations under way at unload are over.
+    closing_task: asyncio.Task[None] | None = None
 
     def __init__(
         self,
@@ -95,6 +112,8 @@ class AdminOps(commands.Cog):
         key_prefix: str | None = None,
         fleet_edit_interval: float = FLEET_EDIT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        python: str | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """Use the given settings and Redis client, else build them from the environment.
 
@@ -102,7 +121,8 @@ class AdminOps(commands.Cog):
         ``key_prefix`` prefixes every Redis key this cog writes and the fleet's streams
         (default ``OPS_CONTROL_PREFIX``, i.e. ``sg:control``); ``fleet_edit_interval`` is the
         least time between two edits of a live fleet message; ``clock`` (monotonic seconds)
-        times how often refusals are answered.
+        times how often refusals are answered; ``python`` is the interpreter ``!bot_deps``
+        installs with (default: this one); ``sleep`` waits ``OPS_HEALTHY_AFTER``.
         """
         self.bot = bot
         self.settings = settings = settings if settings is not None else Settings.from_env()
@@ -132,13 +152,27 @@ class AdminOps(commands.Cog):
             seen_path=settings.state_dir / "restart-marker-seen.json",
         )
         self.in_process = self._in_process_daemon()
-        self._add_actions(exit_process or process.exit_process)
+        self._add_actions(exit_process or process.exit_process, python)
         self._announced = False
         #: The task posting the "back online" notice, once the bot is ready (tests await it).
         self.back_online_task: asyncio.Task[None] | None = None
+        self.health = HealthWatch(
+            state_dir=settings.state_dir,
+            repo_dir=settings.repo_dir,
+            healthy_after=settings.healthy_after,
+            sleep=sleep,
+        )
 
-    def _add_actions(self, exit_process: Callable[[int], None]) -> None:
+    def _add_actions(self, exit_process: Callable[[int], None], python: str | None) -> None:
         """What the commands do: on this host, to this bot, and across the fleet."""
+        self.updates = UpdateActions(
+            bot=self.bot,
+            settings=self.settings,
+            replies=self.replies,
+            instance_id=self.instance_id,
+            python=python,
+        )
+        self.reloads = ExtensionReloads(self.bot, own_extension=type(self).__module__)
         self.host_actions = HostActions(
             settings=self.settings,
             redis=self.redis,
@@ -146,6 +180,7 @@ class AdminOps(commands.Cog):
             admission=self.admission,
             instance_id=self.instance_id,
             in_process=self.in_process,
+            after_pull=self.updates.after_pull,
         )
         self.self_restart = SelfRestart(
             bot=self.bot,
@@ -207,27 +242,59 @@ class AdminOps(commands.Cog):
             self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             log.warning("state dir %s is not usable: %s", self.settings.state_dir, exc)
+        note_loaded([*self.bot.extensions, type(self).__module__])
+        self.health_task = asyncio.create_task(
+            self.health.run(before_record=self._back_online_done), name="admin-ops health watch"
+        )
         if self.bot.is_ready():
             self._schedule_back_online()
+            self.health.connected()
         if self.in_process is not None:
             self.in_process.start()
 
     async def cog_unload(self) -> None:
-        """Stop a pending notice and the in-process daemon; close the Redis client we made."""
-        task = self.back_online_task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop pending tasks and the in-process daemon; close the Redis client we made.
+
+        An invocation under way (``!ops_reload`` of this very cog) still replies and writes
+        its record through this instance: the client is closed once it is over.
+        """
+        for task in (self.back_online_task, self.health_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.in_process is not None:
             await self.in_process.stop()
         if self._owns_redis and self.redis is not None:
-            await self.redis.aclose()
+            if self.pipeline.busy:
+                self.closing_task = self.pipeline.after_idle(
+                    self.redis.aclose, timeout=UNLOAD_GRACE
+                )
+            else:
+                await self.redis.aclose()
 
     @commands.Cog.listener()
     async def on_ready(self) -> None:
         """Record and announce the restart that ``!bot_restart`` asked for, once connected."""
+        note_loaded(self.bot.extensions)
         self._schedule_back_online()
+        self.health.connected()
+
+    @commands.Cog.listener()
+    async def on_resumed(self) -> None:
+        """Connected again: healthy time counts from now."""
+        self.health.connected()
+
+    @commands.Cog.listener()
+    async def on_disconnect(self) -> None:
+        """Not connected: healthy time starts again at the next connection."""
+        self.health.disconnected()
+
+    async def _back_online_done(self) -> None:
+        """The "back online" notice (it says what a rollback did) goes out before it ends."""
+        task = self.back_online_task
+        if task is not None:
+            await asyncio.wait({task})
 
     def _schedule_back_online(self) -> None:
         if self._announced:
@@ -291,6 +358,46 @@ class AdminOps(commands.Cog):
     async def fleet_status_command(self, ctx: commands.Context[Any]) -> None:
         """Each host's commits, unit states, version and uptime."""
         await self.pipeline.invoke(ctx, "fleet_status", self.fleet.configure_status)
+
+    @commands.command(name="bot_fetch")
+    async def fetch_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
+        """Fetch and show what a pull would bring and need; nothing in the checkout moves."""
+        typed = target.strip()
+        await self.pipeline.invoke(
+            ctx,
+            "bot_fetch",
+            lambda inv: self.updates.configure_fetch(inv, typed),
+            args=_typed(typed),
+        )
+
+    @commands.command(name="bot_deps")
+    async def deps_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
+        """Install a checkout's requirements into the bot's virtual environment."""
+        typed = target.strip()
+        await self.pipeline.invoke(
+            ctx,
+            "bot_deps",
+            lambda inv: self.updates.configure_deps(inv, typed),
+            args=_typed(typed),
+        )
+
+    @commands.command(name="bot_rollback")
+    async def rollback_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
+        """Move a checkout back to where its last recorded pull found it."""
+        typed = target.strip()
+        await self.pipeline.invoke(
+            ctx,
+            "bot_rollback",
+            lambda inv: self.updates.configure_rollback(inv, typed),
+            args=_typed(typed),
+        )
+
+    @commands.command(name="ops_reload")
+    async def reload_command(self, ctx: commands.Context[Any], *names: str) -> None:
+        """Reload the named extensions, or every one whose source changed since it loaded."""
+        await self.pipeline.invoke(
+            ctx, "ops_reload", lambda inv: self.reloads.configure(inv, names), args=list(names)
+        )
 
     async def cog_command_error(self, ctx: commands.Context[Any], error: Exception) -> None:
         """Answer errors that escaped the pipeline (argument parsing) in one sentence."""

@@ -62,6 +62,7 @@ __all__ = [
     "git_env",
     "git_failure_summary",
     "git_head",
+    "git_read",
     "git_upstream",
     "locked_checkout",
     "pull_checkout",
@@ -1497,6 +1498,17 @@ async def run_checkout_git(
         if note:
             result = result._replace(stderr=f"{result.stderr}{note}")
     return result
+
+
+async def git_read(
+    repo_dir: str | os.PathLike[str], *args: str, timeout: float = 30.0
+) -> ExecResult:
+    """Run a git command that only reads (log, diff, rev-list) in ``repo_dir``, hardened.
+
+    No lock: reading never gets in the way of a pull. The environment is the allowlist's.
+    """
+    argv = ["git", *_GIT_HARDENING, *args]
+    return await run_exec(argv, cwd=os.fspath(repo_dir), env=git_env(), timeout=timeout)
 
 
 def stale_index_lock(held: HeldCheckout, refused: str = "Not pulled") -> str | None:

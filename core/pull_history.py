@@ -223,8 +223,8 @@ async def roll_back_last_pull(
                 "the repository. Nothing was changed.",
                 pull,
             )
-        commits, removed = await commits_between(held, pull.before, pull.after)
-        changed = await changed_files(held, pull.before, pull.after)
+        commits, removed = await commits_between(held.path, pull.before, pull.after)
+        changed = await changed_files(held.path, pull.before, pull.after)
         problem = await reset_keep(held, pull.before, timeout=timeout)
         if problem is not None:
             return PullRollback("blocked", problem, pull)

@@ -22,6 +22,7 @@ from core.ops_exec import (
     CheckoutRefusal,
     HeldCheckout,
     git_failure_summary,
+    git_read,
     locked_checkout,
     run_checkout_git,
     stale_index_lock,
@@ -191,20 +192,20 @@ def describe_needs(needs: UpdateNeeds, *, prefix: str = "!", target: str = "bot"
 # ------------------------------------------------------------------------------------ git
 
 
-async def _git(held: HeldCheckout, *args: str) -> tuple[bool, str]:
-    result = await run_checkout_git(held, *args, timeout=_LOCAL_GIT_TIMEOUT)
+async def _git(repo: str, *args: str) -> tuple[bool, str]:
+    result = await git_read(repo, *args, timeout=_LOCAL_GIT_TIMEOUT)
     return result.ok, result.stdout
 
 
 async def commits_between(
-    held: HeldCheckout, base: str, tip: str, *, limit: int = MAX_LISTED_COMMITS
+    repo: str, base: str, tip: str, *, limit: int = MAX_LISTED_COMMITS
 ) -> tuple[tuple[Commit, ...], int]:
     """The newest ``limit`` commits in ``tip`` but not in ``base``, and how many there are."""
     span = f"{base}..{tip}"
-    ok, count = await _git(held, "rev-list", "--count", span)
+    ok, count = await _git(repo, "rev-list", "--count", span)
     total = int(count.strip()) if ok and count.strip().isdigit() else 0
     ok, listing = await _git(
-        held, "log", "--no-color", f"--max-count={limit}", "--format=%h%x09%an%x09%s", span, "--"
+        repo, "log", "--no-color", f"--max-count={limit}", "--format=%h%x09%an%x09%s", span, "--"
     )
     commits = []
     # Tab-separated: the runner keeps tabs and newlines of a child's output, no other control.
@@ -215,13 +216,13 @@ async def commits_between(
     return tuple(commits), max(total, len(commits))
 
 
-async def changed_files(held: HeldCheckout, *revs: str) -> tuple[str, ...]:
+async def changed_files(repo: str, *revs: str) -> tuple[str, ...]:
     """Paths (relative to the checkout) that differ between the two commits ``revs`` name.
 
     ``base tip``, or git's ``base...tip`` (from where they forked to ``tip``).
     """
     ok, out = await _git(
-        held, "-c", "core.quotePath=false", "diff", "--no-renames", "--name-only", *revs, "--"
+        repo, "-c", "core.quotePath=false", "diff", "--no-renames", "--name-only", *revs, "--"
     )
     return tuple(_unquoted(path) for path in out.splitlines() if path) if ok else ()
 
@@ -234,12 +235,12 @@ def _unquoted(path: str) -> str:
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else path
 
 
-async def diffstat(held: HeldCheckout, *revs: str) -> str:
+async def diffstat(repo: str, *revs: str) -> str:
     """One line for the difference ``revs`` name (as :func:`changed_files`).
 
     ``7 files changed, +120 −30``.
     """
-    ok, out = await _git(held, "diff", "--no-renames", "--shortstat", *revs, "--")
+    ok, out = await _git(repo, "diff", "--no-renames", "--shortstat", *revs, "--")
     found = {key: pattern.search(out) if ok else None for key, pattern in _SHORTSTAT.items()}
     files, added, removed = (int(m.group(1)) if m else 0 for m in found.values())
     noun = "file" if files == 1 else "files"
@@ -315,7 +316,7 @@ async def fetch_preview(
                 return FetchPreview("skipped", summary)
             return FetchPreview("failed", held.summary)
         ok, upstream = await _git(
-            held, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}"
+            held.path, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}"
         )
         if not ok or not upstream.strip() or held.head is None:
             return FetchPreview(
@@ -338,7 +339,7 @@ async def fetch_preview(
 
 async def _preview(held: HeldCheckout, upstream: str) -> FetchPreview:
     """What a pull from ``upstream`` (just fetched) would do to the held checkout."""
-    ok, counts = await _git(held, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
+    ok, counts = await _git(held.path, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
     numbers = counts.split() if ok else []
     local, incoming = (int(n) for n in numbers) if len(numbers) == 2 else (0, 0)
     preview = FetchPreview(
@@ -349,12 +350,12 @@ async def _preview(held: HeldCheckout, upstream: str) -> FetchPreview:
         return preview
     # What a pull would bring: from where the branches forked to the upstream's tip.
     span = "HEAD...@{upstream}"
-    commits, _ = await commits_between(held, "HEAD", "@{upstream}")
+    commits, _ = await commits_between(held.path, "HEAD", "@{upstream}")
     preview = preview._replace(
         status="incoming",
         commits=commits,
-        changed=await changed_files(held, span),
-        diffstat=await diffstat(held, span),
+        changed=await changed_files(held.path, span),
+        diffstat=await diffstat(held.path, span),
     )
     if local:
         noun = "commit is" if local == 1 else "commits are"
@@ -376,7 +377,7 @@ async def _preview(held: HeldCheckout, upstream: str) -> FetchPreview:
 async def _blocking_changes(held: HeldCheckout, changed: Sequence[str]) -> list[str]:
     """The files with local changes (or untracked) that an update of ``changed`` would overwrite."""
     quoted = ("-c", "core.quotePath=false")
-    _, modified = await _git(held, *quoted, "diff", "--name-only", "HEAD", "--")
-    _, untracked = await _git(held, *quoted, "ls-files", "--others", "--exclude-standard")
+    _, modified = await _git(held.path, *quoted, "diff", "--name-only", "HEAD", "--")
+    _, untracked = await _git(held.path, *quoted, "ls-files", "--others", "--exclude-standard")
     local = {_unquoted(path) for path in (modified + "\n" + untracked).splitlines() if path}
     return [path for path in changed if path in local]

@@ -13,7 +13,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -25,6 +25,7 @@ from core.chat.replies import Replies
 from core.chat.spacing import RestartSpacing
 from core.names import DEFAULT_TARGET
 from core.ops_exec import (
+    PullOutcome,
     bounded,
     git_head,
     git_upstream,
@@ -37,7 +38,11 @@ from core.ops_exec import (
 from core.settings import PullTarget, Settings
 from core.text import format_duration, inline_code
 
-__all__ = ["HostActions"]
+__all__ = ["AfterPull", "HostActions"]
+
+#: What a pull that moved ``HEAD`` adds to its reply's details: what the update needs (see
+#: :mod:`core.chat.update_actions`).
+AfterPull = Callable[[Invocation, PullTarget, PullOutcome], Awaitable[str]]
 
 
 class HostActions:
@@ -53,10 +58,12 @@ class HostActions:
         instance_id: str,
         in_process: InProcessDaemon | None = None,
         spacing: RestartSpacing | None = None,
+        after_pull: AfterPull | None = None,
     ) -> None:
         """``instance_id`` names this bot as a pull lock's holder (host:unit:pid).
 
-        ``spacing`` keeps restarts apart (default: ``settings.restart_min_interval``).
+        ``spacing`` keeps restarts apart (default: ``settings.restart_min_interval``);
+        ``after_pull`` says more about a pull that moved ``HEAD``.
         """
         self.settings = settings
         self.redis = redis
@@ -65,6 +72,7 @@ class HostActions:
         self.instance_id = instance_id
         self.in_process = in_process
         self.spacing = spacing or RestartSpacing(settings.restart_min_interval)
+        self.after_pull = after_pull
 
     # ------------------------------------------------------------------ !bot_pull
 
@@ -95,9 +103,11 @@ class HostActions:
             )
         if result.ran and result.ok:
             if result.updated:
-                return Outcome(
-                    "ok", detail="updated", reply=Reply(f"✅ {name} updated", result.summary)
-                )
+                details = result.summary
+                if self.after_pull is not None:
+                    needs = await self.after_pull(inv, target, result)
+                    details += f"\n\n{needs}" if needs else ""
+                return Outcome("ok", detail="updated", reply=Reply(f"✅ {name} updated", details))
             return Outcome(
                 "ok",
                 detail="up to date",

@@ -21,6 +21,7 @@ still logged and streamed every time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,15 +50,24 @@ __all__ = [
 
 log = logging.getLogger("cogs.admin_ops.invocation")
 
+# Tasks of :meth:`Pipeline.after_idle`, kept alive until done (the event loop keeps only weak
+# references to tasks).
+_LINGERING: set[asyncio.Task[None]] = set()
+
 #: How an invocation ended, as its audit record says it.
 Status = Literal["ok", "skipped", "failed", "error"] | RefusalStatus
 
 
 class Reply(NamedTuple):
-    """The answer to the command's message: a headline and, optionally, details in a block."""
+    """The answer to the command's message: a headline and, optionally, details in a block.
+
+    ``attach``: the details go in a ``.txt`` attachment even when they would fit (a program's
+    full output).
+    """
 
     headline: str
     details: str | None = None
+    attach: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,36 @@ class Pipeline:
         self.audit = audit
         self.replies = replies
         self.floods = floods if floods is not None else RefusalFloodGate()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def busy(self) -> bool:
+        """Whether an invocation is under way (it may still reply and write its record)."""
+        return self._in_flight > 0
+
+    def after_idle(
+        self, then: Callable[[], Awaitable[None]], *, timeout: float
+    ) -> asyncio.Task[None]:
+        """Run ``then`` once no invocation is under way, or after ``timeout`` seconds at most.
+
+        For what must outlive the invocation that asked for it: a cog reloaded by its own
+        command closes its Redis client only once that command has replied and recorded.
+        """
+
+        async def wait_then() -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("invocations still under way after %g s: going on", timeout)
+            await then()
+
+        task = asyncio.create_task(wait_then(), name="admin-ops: after the last invocation")
+        _LINGERING.add(task)
+        task.add_done_callback(_LINGERING.discard)
+        return task
 
     async def invoke(
         self,
@@ -153,6 +193,18 @@ class Pipeline:
         args: Sequence[str] = (),
     ) -> None:
         """Run ``command`` as invoked in ``ctx``; ``args`` are recorded as typed."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._invoke(ctx, command, configure, args)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _invoke(
+        self, ctx: commands.Context[Any], command: str, configure: Configure, args: Sequence[str]
+    ) -> None:
         started = time.monotonic()
         inv = Invocation(ctx, command, AuditDraft.of(ctx, command, args, self.replies.redact))
         # What is recorded if the task is cancelled before an outcome is known.

@@ -23,7 +23,7 @@ from discord.ext import commands
 
 from core.ops_exec import clean_text, redact
 from core.settings import Settings
-from core.text import format_reply
+from core.text import MESSAGE_LIMIT, cut, format_reply
 
 __all__ = ["NO_MENTIONS", "SEND_ERRORS", "Replies", "display_name", "shown"]
 
@@ -75,12 +75,24 @@ class Replies:
         return redact(clean_text(text), self.secrets)
 
     async def reply(
-        self, ctx: commands.Context[Any], headline: str, details: str | None = None
+        self,
+        ctx: commands.Context[Any],
+        headline: str,
+        details: str | None = None,
+        attach: bool = False,
     ) -> discord.Message | None:
-        """Answer the command's message; an attachment is named after the command."""
+        """Answer the command's message; an attachment is named after the command.
+
+        ``attach``: the details go in the attachment even when they would fit in the message.
+        """
         name = ctx.command.name if ctx.command is not None else "output"
         return await self.post(
-            ctx.channel, headline, details, reference=ctx.message, filename=f"{name}.txt"
+            ctx.channel,
+            headline,
+            details,
+            reference=ctx.message,
+            filename=f"{name}.txt",
+            attach=attach,
         )
 
     async def post(
@@ -91,11 +103,18 @@ class Replies:
         *,
         reference: discord.Message | None = None,
         filename: str = "output.txt",
+        attach: bool = False,
     ) -> discord.Message | None:
-        """Send redacted text that pings nobody; long details go in a ``.txt`` attachment."""
-        content, attachment = format_reply(
-            self.redact(headline), self.redact(details) if details else None
-        )
+        """Send redacted text that pings nobody; long details go in a ``.txt`` attachment.
+
+        ``attach``: the details go in the attachment whatever their length.
+        """
+        shown = self.redact(details) if details else None
+        attachment: str | None
+        if attach and shown and shown.strip():
+            content, attachment = cut(self.redact(headline), MESSAGE_LIMIT), shown.strip() + "\n"
+        else:
+            content, attachment = format_reply(self.redact(headline), shown)
         kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS}
         if attachment is not None:
             kwargs["file"] = discord.File(io.BytesIO(attachment.encode()), filename=filename)

@@ -15,6 +15,10 @@ storage): its age and the commits, shown only when they are hex, and it goes onl
 where the commands are allowed. A marker that fails its checks is logged and dropped, with its
 audit draft.
 
+After the crash-loop guard rolled the checkout back (:mod:`core.chat.rollback_notice`), the
+notice says so instead, in reply to the ``!bot_restart`` whose marker is there and recent, else
+in ``OPS_AUDIT_CHANNEL_ID``.
+
 ``!bot_restart`` refuses while the bot's unit (or, without systemd's answer, this process)
 started less than ``OPS_RESTART_MIN_INTERVAL`` seconds ago (:mod:`core.chat.spacing`).
 """
@@ -35,6 +39,7 @@ from core.chat.invocation import Invocation, NotConfigured, Outcome, Plan, Reply
 from core.chat.markers import MARKER_MAX_AGE, RestartMarker, RestartMarkers
 from core.chat.process import RESTART_EXIT_STATUS
 from core.chat.replies import SEND_ERRORS, Replies, display_name
+from core.chat.rollback_notice import RollbackNotices
 from core.chat.spacing import RestartSpacing
 from core.ops_exec import git_head, request_restart
 from core.settings import Settings
@@ -58,10 +63,12 @@ class SelfRestart:
         replies: Replies,
         exit_process: Callable[[int], None],
         spacing: RestartSpacing | None = None,
+        rollbacks: RollbackNotices | None = None,
     ) -> None:
         """``exit_process`` ends the process in exit mode (tests pass a spy).
 
-        ``spacing`` keeps restarts apart (default: ``settings.restart_min_interval``).
+        ``spacing`` keeps restarts apart (default: ``settings.restart_min_interval``);
+        ``rollbacks`` tells of an automatic rollback (default: the state dir's).
         """
         self.bot = bot
         self.settings = settings
@@ -70,6 +77,7 @@ class SelfRestart:
         self.replies = replies
         self.exit_process = exit_process
         self.spacing = spacing or RestartSpacing(settings.restart_min_interval)
+        self.rollbacks = rollbacks or RollbackNotices(settings)
 
     def configure(self, inv: Invocation) -> Plan | NotConfigured:
         """Exit for a supervisor, or ask systemd to restart ``OPS_BOT_SERVICE``."""
@@ -145,16 +153,26 @@ class SelfRestart:
     # ------------------------------------------------------------------ the next process
 
     async def back_online(self) -> None:
-        """Record the restart that led to this start, and reply to its request if recent."""
+        """Record the restart that led to this start, and reply to its request if recent.
+
+        After an automatic rollback, the notice says so (and goes to the audit channel when
+        there is no recent request to answer).
+        """
+        rolled_back = await self.rollbacks.take()
+        if not await self._answer_marker(rolled_back) and rolled_back is not None:
+            await self._post_in_audit_channel(rolled_back)
+
+    async def _answer_marker(self, rolled_back: str | None) -> bool:
+        """Take the restart marker: write its record, answer its request; False if not answered."""
         data = await self.markers.take()
         if data is None:
-            return
+            return False
         now = time.time()
         marker = RestartMarker.from_json(data)
         if marker is None:
             # Its text is not logged: it may be whatever someone wanted in our log.
             log.warning("restart marker: malformed, dropped with its audit draft")
-            return
+            return False
         age = now - marker.requested_at
         draft = marker.audit
         if draft is not None:
@@ -166,18 +184,26 @@ class SelfRestart:
                 marker.requester,
                 format_duration(age),
             )
-            return
-        await self._notify(marker, f"✅ Back online after {format_duration(age)}")
+            return False
+        if rolled_back is not None:
+            return await self._notify(marker, rolled_back, commits=False)
+        return await self._notify(marker, f"✅ Back online after {format_duration(age)}")
 
-    async def _notify(self, marker: RestartMarker, text: str) -> None:
-        now_at = await git_head(self.settings.repo_dir)
-        was = marker.commit  # hex, or None: checked when the marker was read
-        if now_at and was and now_at != was:
-            text += f" — now at {now_at} (was {was})"
-        elif now_at and was:
-            text += f" — still at {now_at}"
-        elif now_at:
-            text += f" — now at {now_at}"  # what ran before is not known
+    async def _post_in_audit_channel(self, text: str) -> None:
+        channel_id = self.settings.audit_channel_id
+        channel = await self._find_channel(channel_id) if channel_id is not None else None
+        if channel is None:
+            log.warning("%s (no audit channel to say it in)", text)
+            return
+        await self.replies.post(channel, text)
+
+    async def _notify(self, marker: RestartMarker, text: str, *, commits: bool = True) -> bool:
+        """Reply ``text`` to the marker's request; False when its channel is not one to post in.
+
+        ``commits``: add the commit it is at now, and the one it ran before.
+        """
+        if commits:
+            text += await self._commits(marker)
         channel = await self._find_channel(marker.channel_id)
         if channel is None:
             log.warning(
@@ -185,13 +211,13 @@ class SelfRestart:
                 marker.channel_id,
                 text,
             )
-            return
+            return False
         if not self._may_post_in(channel, marker):
             log.warning(
                 "restart marker names channel %s, where the commands are not allowed: dropped",
                 marker.channel_id,
             )
-            return
+            return False
         original: discord.Message | None = None
         try:
             original = await channel.fetch_message(marker.message_id)
@@ -201,6 +227,18 @@ class SelfRestart:
         except Exception as exc:  # noqa: BLE001
             log.info("back online: cannot fetch the restart request: %r", exc)
         await self.replies.post(channel, text, reference=original)
+        return True
+
+    async def _commits(self, marker: RestartMarker) -> str:
+        now_at = await git_head(self.settings.repo_dir)
+        was = marker.commit  # hex, or None: checked when the marker was read
+        if now_at and was and now_at != was:
+            return f" — now at {now_at} (was {was})"
+        if now_at and was:
+            return f" — still at {now_at}"
+        if now_at:
+            return f" — now at {now_at}"  # what ran before is not known
+        return ""
 
     def _may_post_in(self, channel: discord.abc.Messageable, marker: RestartMarker) -> bool:
         """Whether ``channel`` is one where the commands are allowed, and the marker's server."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.ops_exec import HeldCheckout, locked_checkout, pull_checkout
+from core.ops_exec import pull_checkout
 from core.pull_history import (
     KEPT_PULLS,
     PullHistory,
@@ -230,8 +230,6 @@ async def test_changed_files_lists_names_git_would_quote(git_repos: GitRepos) ->
         git_repos.commit_upstream(name, filename=name)
     new = git(git_repos.work, "rev-parse", "HEAD")
     git(git_repos.clone, "fetch", "-q")
-    async with locked_checkout(git_repos.clone) as held:
-        assert isinstance(held, HeldCheckout)
-        changed = await changed_files(held, old, new)
+    changed = await changed_files(str(git_repos.clone), old, new)
 
     assert sorted(changed) == sorted(["tab\there.txt", "café.py", 'quote".txt'])
