@@ -10,8 +10,8 @@ says so in chat once back.
 
 At most one automatic rollback per failure episode: when the bot fails again before it was
 healthy (at the last good commit, or after this rollback), the unit is left failed and one
-journal line says why. It also leaves alone a unit that failed for another reason than a
-crash loop (a stop that timed out, say), when systemd says so.
+journal line says why. It also leaves alone a unit whose process did not fail by itself (a
+stop that timed out, a credential file missing), when systemd says so.
 
 Standard library only, with the bot's own settings (``OPS_REPO_DIR``, ``OPS_STATE_DIR``,
 ``OPS_BOT_SERVICE``, ``OPS_SYSTEMCTL``; :class:`core.settings.RollbackSettings`). Exit status:
@@ -41,10 +41,13 @@ from core.ops_exec import (
 from core.settings import RollbackSettings, SettingsError
 from core.updates import reset_keep
 
-__all__ = ["CRASH_LOOP_RESULT", "GuardResult", "guard", "main"]
+__all__ = ["CRASH_RESULTS", "GuardResult", "guard", "main"]
 
-#: systemd's result for a unit stopped by its start limit: what a crash loop ends in.
-CRASH_LOOP_RESULT: Final = "start-limit-hit"
+#: systemd's results (``$MONITOR_SERVICE_RESULT``) for a bot whose own process failed: what a
+#: crash loop ends in once the start limit stops the restarts (systemd 252 keeps the last run's
+#: result; others say ``start-limit-hit``). Not ``timeout`` (a stop that hung) nor
+#: ``resources`` (systemd could not set the process up: a missing credential file, say).
+CRASH_RESULTS: Final = frozenset({"exit-code", "signal", "core-dump", "start-limit-hit"})
 #: Names this guard as the holder of the checkout's lock.
 _HOLDER: Final = "admin-ops crash-loop guard"
 
@@ -111,8 +114,8 @@ def _not_ours(unit: str, environ: Mapping[str, str]) -> str | None:
     if failed_unit and failed_unit != unit:
         return f"triggered by {failed_unit}, not by OPS_BOT_SERVICE {unit}: nothing done."
     result = environ.get("MONITOR_SERVICE_RESULT", "")
-    if result and result != CRASH_LOOP_RESULT:
-        return f"{unit} left failed: it failed ({result}) without a crash loop; nothing done."
+    if result and result not in CRASH_RESULTS:
+        return f"{unit} left failed: it failed ({result}), not by crashing; nothing done."
     return None
 
 

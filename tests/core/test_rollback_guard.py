@@ -25,7 +25,8 @@ from tests.support.git import GitRepos
 from tests.support.processes import write_script
 
 UNIT = "bot.service"
-CRASH_LOOP = {"MONITOR_UNIT": UNIT, "MONITOR_SERVICE_RESULT": "start-limit-hit"}
+# What systemd 252 hands OnFailure= after a crash loop hit the start limit.
+CRASH_LOOP = {"MONITOR_UNIT": UNIT, "MONITOR_SERVICE_RESULT": "exit-code"}
 
 
 @dataclass
@@ -213,10 +214,14 @@ async def test_local_changes_that_would_be_lost_leave_it_failed_and_change_nothi
         ),
         (
             {"MONITOR_UNIT": UNIT, "MONITOR_SERVICE_RESULT": "timeout"},
-            f"{UNIT} left failed: it failed (timeout) without a crash loop; nothing done.",
+            f"{UNIT} left failed: it failed (timeout), not by crashing; nothing done.",
+        ),
+        (
+            {"MONITOR_UNIT": UNIT, "MONITOR_SERVICE_RESULT": "resources"},
+            f"{UNIT} left failed: it failed (resources), not by crashing; nothing done.",
         ),
     ],
-    ids=["another unit", "not a crash loop"],
+    ids=["another unit", "a stop that timed out", "a credential missing"],
 )
 async def test_what_systemd_says_of_another_failure_is_respected(
     git_repos: GitRepos,

@@ -40,6 +40,8 @@ REQUIRE_ENV = "ADMIN_OPS_REQUIRE_SYSTEMD"
 BOT_UNIT = "admin-ops-bot.service"
 CONTROL_UNIT = "admin-ops-control.service"
 SHIPPED_UNITS = (BOT_UNIT, CONTROL_UNIT)
+#: The bot unit's OnFailure=: a oneshot, installed with the others.
+ROLLBACK_UNIT = "admin-ops-rollback.service"
 # Inside the namespace: the stand-in for /etc/admin-ops, and what any user may read and run.
 ETC_INSIDE = "/srv/etc-admin-ops"
 LIB_INSIDE = "/srv/admin-ops-test-lib"
@@ -256,7 +258,7 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
     for path in etc.iterdir():
         path.chmod(0o600)
 
-    for name in SHIPPED_UNITS:
+    for name in (*SHIPPED_UNITS, ROLLBACK_UNIT):
         systemd.install_unit(name, shipped_unit_text(name), reload=False)
     systemd.systemctl("daemon-reload")
     tree = DeployTree(

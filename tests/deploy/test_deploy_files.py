@@ -121,6 +121,10 @@ async def test_sudoers_lists_exactly_the_command_lines_admin_ops_runs(recorded_a
         assert (await ops_exec.deferred_systemctl_restart(unit, delay=0))[0]
         await ops_exec.systemctl_is_active(unit)
         await ops_exec.unit_started_ago(unit)
+        # What the crash-loop guard (python -m core.rollback) runs.
+        assert (await ops_exec.reset_failed_unit(unit)).ok
+        assert (await ops_exec.start_unit(unit)).ok
+        await ops_exec.unit_restart_count(unit)
     runs = [json.loads(line) for line in recorded_argv.read_text().splitlines()]
     possible = {" ".join([SYSTEMCTL, *argv]) for argv in runs}
 
@@ -148,6 +152,59 @@ def test_sudoers_has_no_wildcards_and_one_rule_per_service_user() -> None:
     assert sudoers_rules() == [
         f"{user} ALL=(root) NOPASSWD: {alias}" for user, alias in USER_ALIASES.items()
     ]
+
+
+def polkit_guarded() -> dict[str, list[str]]:
+    """The rule's ``GUARDED`` map: user -> the units its crash-loop guard clears and starts."""
+    text = (DEPLOY / "polkit" / "50-admin-ops.rules").read_text()
+    match = re.search(r"var GUARDED = \{(.*?)\n    \};", text, re.DOTALL)
+    assert match, "GUARDED not found in the polkit rule"
+    return {
+        user: re.findall(r'"([^"]+)"', units)
+        for user, units in re.findall(r'"([^"]+)": \[(.*?)\]', match[1], re.DOTALL)
+    }
+
+
+GUARD_FORMS = ("reset-failed --", "start --", "show --property=NRestarts --value --")
+
+
+def test_the_crash_loop_guard_may_clear_and_start_the_bot_unit_and_nothing_more() -> None:
+    """Polkit and sudoers agree: opsbot, the bot's unit, reset-failed and start (and a read)."""
+    bot_unit = "admin-ops-bot.service"
+    assert polkit_guarded() == {SERVICE_USER: [bot_unit]}
+    assert polkit_list("GUARD_VERBS") == ["reset-failed", "start"]
+    guard_lines = {
+        alias: [cmd for cmd in commands if any(f" {form} " in cmd for form in GUARD_FORMS)]
+        for alias, commands in sudoers_commands().items()
+    }
+    assert guard_lines == {
+        USER_ALIASES[SERVICE_USER]: [
+            f"{SYSTEMCTL} --no-ask-password {form} {bot_unit}" for form in GUARD_FORMS
+        ],
+        USER_ALIASES[CONTROL_USER]: [],
+    }
+
+
+def test_the_rollback_unit_is_the_bots_guard_with_the_bots_user_checkout_state_and_settings() -> (
+    None
+):
+    bot = unit_settings("admin-ops-bot.service")
+    guard = unit_settings("admin-ops-rollback.service")
+    assert bot["OnFailure"] == ["admin-ops-rollback.service"]
+    assert guard["Type"] == ["oneshot"]
+    assert guard["ExecStart"] == ["/srv/admin-ops/app/.venv/bin/python -m core.rollback"]
+    for setting in (
+        "User", "Group", "SupplementaryGroups", "WorkingDirectory", "EnvironmentFile",
+        "StateDirectory", "StateDirectoryMode", "ReadWritePaths", "UMask", "ProtectSystem",
+        "NoNewPrivileges", "CapabilityBoundingSet", "SystemCallFilter",
+    ):  # fmt: skip
+        assert guard[setting] == bot[setting], setting
+    assert guard["Environment"] == ["OPS_BOT_SERVICE=admin-ops-bot.service", "PYTHONUNBUFFERED=1"]
+    # No credentials: the guard needs no secret.
+    assert "LoadCredential" not in guard
+    assert guard["RestrictAddressFamilies"] == ["AF_UNIX"]
+    readme = (DEPLOY / "README.md").read_text()
+    assert "deploy/admin-ops-rollback.service" in readme
 
 
 def test_polkit_rule_and_sudoers_allow_the_same_units_for_the_same_users() -> None:
