@@ -11,9 +11,10 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Final, Literal, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from core.hardening import with_credentials
 from core.names import (
@@ -34,14 +35,20 @@ __all__ = [
     "DEFAULT_PIP_TIMEOUT",
     "DEFAULT_REQUIREMENTS",
     "DEFAULT_RESTART_MIN_INTERVAL",
+    "DEFAULT_SENTINEL_PORT",
     "MAX_SECONDS",
+    "SENTINEL_SCHEME",
     "EnvReader",
     "PullTarget",
     "RestartMode",
+    "SentinelTarget",
     "SettingsError",
     "default_state_dir",
     "environ_or",
+    "is_sentinel_url",
+    "parse_sentinel_url",
     "url_password",
+    "url_secrets",
 ]
 
 RestartMode = Literal["systemd", "exit"]
@@ -60,7 +67,18 @@ DEFAULT_HEALTHY_AFTER: Final = 60.0
 ALWAYS_SECRET: Final = ("OPS_CONTROL_SECRET",)
 #: Variables that must never be handed to git, whatever ``OPS_GIT_ENV_PASSTHROUGH`` says.
 _NEVER_PASSED: Final = frozenset({"DISCORD_TOKEN", "REDIS_URL", *ALWAYS_SECRET})
-_REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+#: The scheme of a Redis reached through Sentinel:
+#: ``redis+sentinel://[[user]:password@]host:port,host:port/service[/db][?sentinel_password=…]``.
+SENTINEL_SCHEME: Final = "redis+sentinel"
+#: The port of a sentinel given without one.
+DEFAULT_SENTINEL_PORT: Final = 26379
+_REDIS_SCHEMES: Final = ("redis", "rediss", "unix", SENTINEL_SCHEME)
+# A Sentinel master name: what `sentinel monitor <name> …` accepts in practice, kept to what
+# reads well in a log line and cannot be mistaken for a path or a list.
+_SERVICE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# More sentinels than this in one URL is a mistake (three or five is the usual layout).
+_MAX_SENTINELS: Final = 16
+_SENTINEL_QUERY: Final = ("sentinel_password",)
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Unit names contain neither commas nor whitespace, so either separates them.
 _UNIT_SEPARATORS: Final = re.compile(r"[,\s]+")
@@ -99,16 +117,168 @@ def default_state_dir(environ: Mapping[str, str]) -> Path:
     return base / ".local" / "state" / "admin-ops"
 
 
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Where a ``redis+sentinel://`` URL points: the sentinels, the service, the credentials.
+
+    The passwords are kept out of ``repr()``: this object is logged by accident more easily
+    than the URL, which every log line redacts.
+    """
+
+    #: ``(host, port)`` of each sentinel, in the order given.
+    sentinels: tuple[tuple[str, int], ...]
+    #: The master's name in the sentinels' configuration (``sentinel monitor <service> …``).
+    service: str
+    #: The database number on the master.
+    db: int = 0
+    #: The master's ACL user, if any.
+    username: str | None = None
+    #: The master's password (the sentinels get ``sentinel_password``, never this one).
+    password: str | None = field(default=None, repr=False)
+    #: The sentinels' own password (``?sentinel_password=``), if they require one.
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+def is_sentinel_url(url: str) -> bool:
+    """Whether ``url`` names a Redis reached through Sentinel (``redis+sentinel://``)."""
+    return url[: len(SENTINEL_SCHEME) + 3].lower() == f"{SENTINEL_SCHEME}://"
+
+
+def _sentinel_address(item: str, number: int) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6 address]:port`` as ``(host, port)``; ValueError if not.
+
+    The message names the sentinel by its place in the list, never by its text: a password
+    with an unencoded ``/`` would end up here.
+    """
+    what = f"sentinel {number} must be host:port (an IPv6 address in [])"
+    if item.startswith("["):
+        host, bracket, rest = item[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(what)
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = item.partition(":")
+        if (colon and not port_text) or ":" in port_text:
+            raise ValueError(what)
+    if not host or any(c in host for c in " /\\@?#[]%"):
+        raise ValueError(what)
+    if not port_text:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(what)
+    return host, int(port_text)
+
+
+def _service_and_db(path: str) -> tuple[str, int]:
+    """``/service`` or ``/service/db`` as ``(service, db)``; ValueError if not."""
+    service, _, db_text = path.removesuffix("/").partition("/")
+    if not _SERVICE_NAME.fullmatch(service):
+        raise ValueError(
+            "needs the Sentinel service after the sentinels: redis+sentinel://host:26379/mymaster"
+            " (1-64 of A-Z a-z 0-9 . _ -)"
+        )
+    if not db_text:
+        return service, 0
+    if not db_text.isascii() or not db_text.isdigit() or len(db_text) > 5:
+        raise ValueError("the database after the service must be a number (…/mymaster/0)")
+    return service, int(db_text)
+
+
+def _sentinel_password(query: str) -> str | None:
+    """``sentinel_password`` from the query, the only parameter there is; ValueError if not.
+
+    No message quotes the query: a password with an unencoded ``&`` would be in it.
+    """
+    if not query:
+        return None
+    pairs = [item.partition("=") for item in query.split("&")]
+    if any(name not in _SENTINEL_QUERY or not eq for name, eq, _value in pairs):
+        raise ValueError(
+            "the only query parameter is sentinel_password=… (percent-encode & in a password)"
+        )
+    if len(pairs) > 1:
+        raise ValueError("sentinel_password is given twice")
+    return unquote(pairs[0][2]) or None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """The sentinels, service, database and credentials of a ``redis+sentinel://`` URL.
+
+    ``redis+sentinel://[[user]:password@]host1:26379,host2:26379/<service>[/<db>]``, with a
+    ``sentinel_password`` query parameter for the sentinels themselves. The user and password
+    are the master's. Percent-encode ``@ : / ? # & %`` inside a password (``+`` is a plus).
+    Raises ValueError with a message that quotes no password.
+    """
+    if not is_sentinel_url(url):
+        raise ValueError(f"must start with {SENTINEL_SCHEME}://")
+    rest = url[len(SENTINEL_SCHEME) + 3 :]
+    if "#" in rest:
+        raise ValueError("must not have a #fragment")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    # The last '@': a password may contain one when it is not percent-encoded.
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    items = [item.strip() for item in hosts.split(",")]
+    if not all(items) or not slash:
+        raise ValueError(
+            f"must list the sentinels, then the service: {SENTINEL_SCHEME}://host:26379/mymaster"
+        )
+    if len(items) > _MAX_SENTINELS:
+        raise ValueError(f"lists {len(items)} sentinels; at most {_MAX_SENTINELS}")
+    addresses = (_sentinel_address(item, n) for n, item in enumerate(items, 1))
+    sentinels = tuple(dict.fromkeys(addresses))
+    service, db = _service_and_db(path)
+    return SentinelTarget(
+        sentinels=sentinels,
+        service=service,
+        db=db,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        sentinel_password=_sentinel_password(query),
+    )
+
+
 def url_password(url: str | None) -> str | None:
-    """The password in a Redis URL, in the userinfo or (redis-py style) ``?password=``."""
+    """The password in a Redis URL, in the userinfo or (redis-py style) ``?password=``.
+
+    For a ``redis+sentinel://`` URL, the master's password (see :func:`url_secrets` for the
+    sentinels' one too).
+    """
     if not url:
         return None
+    if is_sentinel_url(url):
+        try:
+            return parse_sentinel_url(url).password
+        except ValueError:
+            return None
     try:
         parts = urlsplit(url)
         query_password = parse_qs(parts.query).get("password", [None])[0]
         return parts.password or query_password
     except ValueError:
         return None
+
+
+def url_secrets(url: str | None) -> tuple[str, ...]:
+    """Every secret a Redis URL holds, both as written in it and decoded.
+
+    The password (userinfo or ``?password=``) and, for ``redis+sentinel://``, the
+    ``sentinel_password``: each is redacted wherever it could show.
+    """
+    if not url:
+        return ()
+    found: list[str | None] = [url_password(url)]
+    if is_sentinel_url(url):
+        rest, _, query = url[len(SENTINEL_SCHEME) + 3 :].partition("?")
+        netloc = rest.partition("/")[0]
+        if "@" in netloc:
+            found.append(netloc.rpartition("@")[0].partition(":")[2])
+        for pair in query.split("&"):
+            name, _, value = pair.partition("=")
+            if name == "sentinel_password":
+                found += (value, unquote(value))
+    return tuple(dict.fromkeys(value for value in found if value))
 
 
 class EnvReader:
@@ -248,11 +418,18 @@ class EnvReader:
     # ------------------------------------------------------------------ shared variables
 
     def redis_url(self) -> str | None:
-        """``REDIS_URL``: a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+        """``REDIS_URL``: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``."""
         name = "REDIS_URL"
         raw = self.text(name)
         if raw is None:
             return None
+        if is_sentinel_url(raw):
+            try:
+                parse_sentinel_url(raw)
+            except ValueError as exc:
+                self.problem(name, str(exc))
+                return None
+            return raw
         try:
             parts = urlsplit(raw)
             _ = parts.port  # raises ValueError on a malformed port
@@ -260,7 +437,7 @@ class EnvReader:
             self.problem(name, "is not a valid URL")
             return None
         if parts.scheme not in _REDIS_SCHEMES:
-            self.problem(name, "must start with redis://, rediss:// or unix://")
+            self.problem(name, "must start with redis://, rediss://, unix:// or redis+sentinel://")
             return None
         return raw
 
@@ -381,7 +558,7 @@ class EnvReader:
         ``extra`` (the token…), the Redis password, the control secret and the values of the
         variables named in ``redact_env`` (``OPS_REDACT_ENV``).
         """
-        values = [*extra, url_password(self.text("REDIS_URL"))]
+        values = [*extra, *url_secrets(self.text("REDIS_URL"))]
         values += [self.env.get(name) for name in (*ALWAYS_SECRET, *redact_env)]
         # Shorter values would mangle ordinary output when redacted (a 2-character "secret"
         # matches everywhere); such values are not worth calling secrets.
