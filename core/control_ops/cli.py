@@ -20,8 +20,15 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Final, TextIO, TypeVar
 
 from core.control_ops.daemon import ControlDaemon
-from core.control_ops.publisher import DEFAULT_PUBLISH_TIMEOUT, publish
-from core.control_ops.report import FleetTally, HostStatus, host_status, in_order, ok_sentence
+from core.control_ops.publisher import DEFAULT_PUBLISH_TIMEOUT, REPLICA_WAIT_SECONDS, publish
+from core.control_ops.report import (
+    UNREPLICATED,
+    FleetTally,
+    HostStatus,
+    host_status,
+    in_order,
+    ok_sentence,
+)
 from core.control_ops.wire import (
     DEFAULT_COMMAND_TTL,
     OPS,
@@ -144,6 +151,8 @@ class LiveTable:
         self._width = max([self._width, *(len(name) for name in names)])
         self._print(f"command {published.command_id}: {published.op} {' '.join(published.args)}")
         self._print(f"expecting {len(names)} host(s): {', '.join(names) or 'none'}")
+        if published.replicated is False:
+            self._print(f"warning: {UNREPLICATED} (waited {REPLICA_WAIT_SECONDS:g} s)")
         self._print(f"{'HOST':<{self._width}}  {'STATUS':<8}  {'DURATION':>8}  SUMMARY")
 
     def row(self, result: HostResult) -> None:

@@ -25,6 +25,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from core.control_ops.wire import (
     RESULT_ENTRY_LIMIT,
     RESULT_FIELDS,
@@ -35,13 +38,15 @@ from core.control_ops.wire import (
     verify_result,
 )
 from core.names import IDENTITY
-from core.ops_exec import as_text, clean_text, raise_if_cancelling
+from core.ops_exec import as_text, bounded, clean_text, raise_if_cancelling
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 __all__ = [
     "POLL_INTERVAL",
+    "RECONNECT_BASE",
+    "RECONNECT_CAP",
     "RESULT_READ_BYTES",
     "RESULT_READ_COUNT",
     "UNTRUSTED_LOG",
@@ -128,6 +133,31 @@ _STRIDE: Final = 1 + len(RESULT_FIELDS)
 
 #: One entry of a bounded read: its id, and its fields (None: larger than RESULT_ENTRY_LIMIT).
 Entry = tuple[str, dict[str, str] | None]
+
+#: The first pause before reading again after the connection failed; it doubles up to the cap.
+RECONNECT_BASE: Final = 0.05
+#: The longest pause between two attempts to read again (a failover takes seconds).
+RECONNECT_CAP: Final = 0.5
+# A read that failed because the connection did: retried. Anything else Redis says (a wrong
+# type at the key, say) is an answer, and is raised to the caller as before.
+_CONNECTION_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
+# Seconds a read may take beyond its own blocking time or the deadline.
+_READ_SLACK: Final = 2.0
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a comparable pair; (0, 0) for one that is not an id."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return (0, 0)
+
+
+def _not_counted(_reason: str, _host: str) -> None:
+    """An untrusted entry read again after a reconnect: it was counted the first time."""
 
 
 class RateLimitedLog:
@@ -250,30 +280,71 @@ class Collector:
         self._script = redis.register_script(_READ_LUA)
         self._last = "0"
         self._polling = False
+        # Failed reads in a row, and the last entry looked at before the first of them.
+        self._outages = 0
+        self._seen: tuple[int, int] = (0, 0)
         #: The first verified answer of each expected host.
         self.results: dict[str, HostResult] = {}
         #: Entries not believed, by reason.
         self.ignored: Counter[str] = Counter()
 
     async def run(self, deadline: float) -> None:
-        """Read until every expected host answered or ``deadline`` (monotonic) passed."""
-        block_cap = read_block_seconds(self._redis)
+        """Read until every expected host answered or ``deadline`` (monotonic) passed.
+
+        A read that fails because the connection does (Redis restarting, or a Sentinel
+        failover under way) is retried until the deadline, from the start of the stream: a
+        promoted replica may lack answers read before, and may number new ones below them.
+        """
         catching_up = False
         while not self._expected <= self.results.keys():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if catching_up or self._polling:
-                entries, catching_up = await self._catch_up()
-            else:
-                entries = await self._wait(max(1, int(min(remaining, block_cap) * 1000)))
-                catching_up = len(entries) >= self._wake_count() or self._polling
+            try:
+                entries, catching_up = await self._read(catching_up, remaining)
+            except _CONNECTION_ERRORS as exc:
+                raise_if_cancelling()
+                await self._lost(exc, remaining)
+                catching_up = False
+                continue
             raise_if_cancelling()
+            if self._outages:
+                self._back()
             if entries:
                 self._last = entries[-1][0]
                 await self._take(entries)
             elif self._polling and not catching_up:
                 await asyncio.sleep(min(POLL_INTERVAL, remaining))  # a poll period
+
+    async def _read(self, catching_up: bool, remaining: float) -> tuple[list[Entry], bool]:
+        """One bounded read: the entries, and whether to catch up with the script next."""
+        if catching_up or self._polling:
+            return await bounded(self._catch_up(), remaining + _READ_SLACK)
+        block = min(remaining, read_block_seconds(self._redis))
+        # Bounded as well: a master that went silent (not closed) must not hold the read past
+        # the deadline for the whole socket timeout.
+        entries = await bounded(self._wait(max(1, int(block * 1000))), block + _READ_SLACK)
+        return entries, len(entries) >= self._wake_count() or self._polling
+
+    async def _lost(self, exc: BaseException, remaining: float) -> None:
+        """The connection failed: say so once, wait a little (bounded), read from the start."""
+        if not self._outages:
+            log.warning(
+                "lost Redis while collecting the answers to %s (%s): reading again until the"
+                " deadline",
+                self._command_id,
+                exc,
+            )
+        self._outages += 1
+        # Entries up to here were looked at already: not counted again as untrusted.
+        self._seen = max(self._seen, _entry_order(self._last))
+        self._last = "0"
+        step = min(RECONNECT_CAP, RECONNECT_BASE * 2 ** min(self._outages, 8))
+        await asyncio.sleep(min(step, remaining))  # a retry period, bounded by the deadline
+
+    def _back(self) -> None:
+        log.info("reading the answers to %s again", self._command_id)
+        self._outages = 0
 
     def _wake_count(self) -> int:
         return max(1, min(WAKE_COUNT, len(self._expected - self.results.keys())))
@@ -301,23 +372,33 @@ class Collector:
         return _bounded_entries(reply)
 
     async def _take(self, entries: Iterable[Entry]) -> None:
-        for _entry_id, fields in entries:
-            if fields is None:
-                self._ignore("oversized", "?")
+        for entry_id, fields in entries:
+            if self._seen and _entry_order(entry_id) <= self._seen:
+                # Read again after a reconnect: only an answer not counted yet matters.
+                if fields is not None and fields["host"] in self.results:
+                    continue
+                await self._take_answer(fields, count_ignored=False)
                 continue
-            host = fields["host"]
-            if host not in self._expected:
-                self._ignore("not expected" if IDENTITY.fullmatch(host) else "bad host name", host)
-                continue
-            try:
-                result = verify_result(fields, self._command_id, self._secret, host_checked=True)
-            except Untrusted as exc:
-                self._ignore(str(exc), host)
-                continue
-            if result.host in self.results:
-                continue  # the first answer per host counts; a later one is a redelivery
-            self.results[result.host] = result
-            await call_back(self._on_result, result)
+            await self._take_answer(fields, count_ignored=True)
+
+    async def _take_answer(self, fields: dict[str, str] | None, *, count_ignored: bool) -> None:
+        ignore = self._ignore if count_ignored else _not_counted
+        if fields is None:
+            ignore("oversized", "?")
+            return
+        host = fields["host"]
+        if host not in self._expected:
+            ignore("not expected" if IDENTITY.fullmatch(host) else "bad host name", host)
+            return
+        try:
+            result = verify_result(fields, self._command_id, self._secret, host_checked=True)
+        except Untrusted as exc:
+            ignore(str(exc), host)
+            return
+        if result.host in self.results:
+            return  # the first answer per host counts; a later one is a redelivery
+        self.results[result.host] = result
+        await call_back(self._on_result, result)
 
     def _ignore(self, reason: str, host: str) -> None:
         self.ignored[reason] += 1

@@ -42,7 +42,13 @@ from core.control_ops.host_state import (
     RestartRecord,
     host_state_dir,
 )
-from core.control_ops.lifecycle import BACKOFF_BASE, BACKOFF_CAP, backoff_delay, stop_task
+from core.control_ops.lifecycle import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    SENTINEL_BACKOFF_CAP,
+    backoff_delay,
+    stop_task,
+)
 from core.control_ops.presence import Presence, describe
 from core.control_ops.wire import (
     ALREADY_HANDLED,
@@ -64,6 +70,7 @@ from core.control_ops.wire import (
 from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL, default_state_dir
 from core.names import COMMAND_ID, IDENTITY, Keys
 from core.ops_exec import as_text, bounded, raise_if_cancelling, redact, redis_errors
+from core.redis_client import uses_sentinel
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -150,6 +157,9 @@ class ControlDaemon:
             secrets=self._secrets,
         )  # fmt: skip
         self._block_seconds = read_block_seconds(redis)
+        # Behind Sentinel a reconnect asks the sentinels first: retrying often is cheap, and
+        # it is what brings the daemon back soon after a failover (see SENTINEL_BACKOFF_CAP).
+        self._backoff_cap = SENTINEL_BACKOFF_CAP if uses_sentinel(redis) else BACKOFF_CAP
         self._stream = self._keys.commands
         # One group per identity, so every daemon sees every command; one consumer in it.
         self._group = identity
@@ -246,7 +256,7 @@ class ControlDaemon:
                 raise_if_cancelling()
                 log.exception("control daemon %s: unexpected error; retrying", self.identity)
             self.serving.clear()
-            await asyncio.sleep(backoff_delay(attempt))
+            await asyncio.sleep(backoff_delay(attempt, cap=self._backoff_cap))
             attempt += 1
 
     def _note_redis(self, *, up: bool, reason: BaseException | None = None) -> None:
@@ -262,7 +272,7 @@ class ControlDaemon:
                 "control daemon %s: Redis unavailable (%s); retrying with backoff up to %.0fs",
                 self.identity,
                 redact(str(reason) or type(reason).__name__, self._secrets),
-                BACKOFF_CAP,
+                self._backoff_cap,
             )
         self._redis_up = up
 

@@ -7,12 +7,17 @@ import random
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "backoff_delay", "stop_task"]
+__all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "SENTINEL_BACKOFF_CAP", "backoff_delay", "stop_task"]
 
 #: The first reconnect delay after a Redis outage, in seconds (it doubles up to the cap).
 BACKOFF_BASE: Final = 0.1
 #: The longest a daemon waits between two reconnect attempts.
 BACKOFF_CAP: Final = 30.0
+#: The same when the client finds its master through Sentinel. Each attempt first asks the
+#: sentinels where the master is (cheap for them, whatever the size of the fleet) and fails at
+#: once while the switch is going on, so a daemon is back within about a second of a failover,
+#: however long the sentinels took to decide it.
+SENTINEL_BACKOFF_CAP: Final = 1.0
 
 
 def backoff_delay(

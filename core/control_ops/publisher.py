@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from core.control_ops.collect import UNTRUSTED_LOG, Collector, call_back, shown_host
@@ -37,18 +37,21 @@ from core.control_ops.wire import (
     verify_heartbeat,
 )
 from core.names import IDENTITY
-from core.ops_exec import as_text
+from core.ops_exec import as_text, redis_errors
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["DEFAULT_PUBLISH_TIMEOUT", "alive_hosts", "publish"]
+__all__ = ["DEFAULT_PUBLISH_TIMEOUT", "REPLICA_WAIT_SECONDS", "alive_hosts", "publish"]
 
 # A fixed name: under `python -m core.control_ops` __name__ would be "__main__".
 log = logging.getLogger("admin_ops.control_ops")
 
 #: Seconds ``publish`` waits for the hosts' answers by default.
 DEFAULT_PUBLISH_TIMEOUT: Final = 30.0
+#: Seconds ``publish`` waits for a replica to confirm it holds a new command (``WAIT 1``), when
+#: the master has replicas. A healthy replica confirms in about a round trip.
+REPLICA_WAIT_SECONDS: Final = 1.0
 # Heartbeats checked between two yields to the event loop (a full index is a thousand).
 _CHECKS_PER_YIELD: Final = 100
 
@@ -84,12 +87,21 @@ _ALIVE_LUA: Final = _ALIVE_LUA_BODY + "return out\n"
 
 # Publishing: read the heartbeats and XADD the command in one atomic step, so no daemon can
 # come or go between the two and the expected set is exactly the set that will see the command
-# (a heartbeat exists only once its consumer group does). One round trip, too.
+# (a heartbeat exists only once its consumer group does). One round trip, too. The reply ends
+# with the number of replicas connected to this master (INFO is allowed in scripts; ROLE is
+# not), so the publisher knows whether to wait for one of them to confirm the command; -1 when
+# INFO is refused (an ACL user without it): then nothing is waited for or said.
 # KEYS: the index set, the command stream; ARGV: as above, then maxlen, field/value pairs.
 _PUBLISH_LUA: Final = (
     _ALIVE_LUA_BODY
     + """
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+local replication = redis.pcall('INFO', 'replication')
+if type(replication) == 'string' then
+  out[#out + 1] = tonumber(string.match(replication, 'connected_slaves:(%d+)')) or 0
+else
+  out[#out + 1] = -1
+end
 return out
 """
 )
@@ -168,6 +180,42 @@ async def alive_hosts(
     return await _believed(reply, secret, Counter())
 
 
+async def _append(
+    redis: aioredis.Redis, fields: Mapping[str, str], prefix: str
+) -> tuple[Sequence[Any], bool | None]:
+    """Run the publish script; its reply (heartbeats) and whether a replica confirmed it.
+
+    One connection for both steps: WAIT counts the replicas that have every write made on the
+    connection it is sent on. With no replica connected it is not sent at all (it would only
+    wait out its timeout). None: no replica to confirm; False: none confirmed in time.
+    """
+    script = redis.register_script(_PUBLISH_LUA)
+    script_args = [*_alive_args(prefix), str(COMMAND_STREAM_MAXLEN)]
+    for name, value in fields.items():
+        script_args += (name, value)
+    async with redis.client() as connection:
+        reply = await script(
+            keys=[hosts_index_key(prefix), command_stream_key(prefix)],
+            args=script_args,
+            client=connection,
+        )
+        if int(reply[-1]) <= 0:
+            return reply[:-1], None
+        try:
+            confirmed = await connection.wait(1, int(REPLICA_WAIT_SECONDS * 1000))
+        except redis_errors() as exc:
+            # The command is out (the script answered); only its safety is unknown.
+            log.warning("command %s: WAIT failed (%s)", fields["id"], exc)
+            return reply[:-1], False
+    if int(confirmed) < 1:
+        log.warning(
+            "command %s: no replica confirmed it within %g s; a failover now could lose it",
+            fields["id"],
+            REPLICA_WAIT_SECONDS,
+        )
+    return reply[:-1], int(confirmed) >= 1
+
+
 async def publish(
     redis: aioredis.Redis,
     op: str,
@@ -192,17 +240,11 @@ async def publish(
     fields = build_command(op, args, requested_by=requested_by, secret=secret, ttl=ttl)
     command_id = fields["id"]
     key = results_key(command_id, prefix)
-    script = redis.register_script(_PUBLISH_LUA)
-    script_args = [*_alive_args(prefix), str(COMMAND_STREAM_MAXLEN)]
-    for name, value in fields.items():
-        script_args += (name, value)
-    reply = await script(
-        keys=[hosts_index_key(prefix), command_stream_key(prefix)], args=script_args
-    )
+    reply, replicated = await _append(redis, fields, prefix)
     ignored: Counter[str] = Counter()
     expected = await _believed(reply, secret, ignored)
     log.info("published %s %s %s for %d host(s)", command_id, op, fields["args"], len(expected))
-    await call_back(on_published, Published(command_id, op, tuple(args), expected))
+    await call_back(on_published, Published(command_id, op, tuple(args), expected, replicated))
     collector = Collector(
         redis,
         command_id=command_id,
@@ -227,4 +269,5 @@ async def publish(
         expected=expected,
         elapsed=time.monotonic() - started,
         ignored=dict(ignored),
+        replicated=replicated,
     )

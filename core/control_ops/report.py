@@ -7,6 +7,7 @@ ones, in natural order (web-2 before web-10). The command line's table and the c
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 from core.control_ops.wire import FleetResult, HostResult
 from core.text import natural_key
 
-__all__ = ["FleetTally", "HostStatus", "host_status", "in_order", "ok_sentence"]
+__all__ = ["UNREPLICATED", "FleetTally", "HostStatus", "host_status", "in_order", "ok_sentence"]
+
+#: What a report adds when no replica confirmed the command (see ``Published.replicated``).
+UNREPLICATED = "no replica confirmed the command: a failover could lose it"
 
 
 class HostStatus(enum.Enum):
@@ -60,6 +64,8 @@ class FleetTally:
     failed: tuple[str, ...]
     #: Expected hosts without an answer (waiting, or silent once finished), in natural order.
     unanswered: tuple[str, ...]
+    #: Whether a replica confirmed it holds the command (None: the master had no replica).
+    replicated: bool | None = None
 
     @classmethod
     def of(
@@ -82,7 +88,8 @@ class FleetTally:
     @classmethod
     def of_fleet(cls, fleet: FleetResult) -> FleetTally:
         """The final tally of a command ``publish`` returned."""
-        return cls.of(fleet.expected, fleet.results, fleet.silent)
+        tally = cls.of(fleet.expected, fleet.results, fleet.silent)
+        return dataclasses.replace(tally, replicated=fleet.replicated)
 
     @property
     def ok(self) -> int:
@@ -105,9 +112,15 @@ def ok_sentence(tally: FleetTally, elapsed: float) -> str:
     """The one line every presentation ends with: ``9/12 hosts ok in 30.0 s``.
 
     A skipped host (it answered ok without running: another service was already pulling) is
-    never counted as plainly ok: ``11 ok, 1 skipped of 12 hosts in 30.0 s``.
+    never counted as plainly ok: ``11 ok, 1 skipped of 12 hosts in 30.0 s``. When the master
+    had replicas and none confirmed it holds the command, the sentence says so: a failover may
+    have lost the command, which is what a silent host would then mean.
     """
     if tally.skipped:
         counted = f"{tally.ran_ok} ok, {tally.skipped} skipped of {len(tally.hosts)} hosts"
-        return f"{counted} in {elapsed:.1f} s"
-    return f"{tally.ran_ok}/{len(tally.hosts)} hosts ok in {elapsed:.1f} s"
+        sentence = f"{counted} in {elapsed:.1f} s"
+    else:
+        sentence = f"{tally.ran_ok}/{len(tally.hosts)} hosts ok in {elapsed:.1f} s"
+    if tally.replicated is False:
+        sentence += f" ({UNREPLICATED})"
+    return sentence

@@ -366,12 +366,18 @@ class HostResult(NamedTuple):
 
 
 class Published(NamedTuple):
-    """What ``publish`` tells ``on_published`` right after the command went out."""
+    """What ``publish`` tells ``on_published`` right after the command went out.
+
+    ``replicated``: whether at least one replica confirmed it holds the command (``WAIT``); a
+    failover promotes the replica with the most data, so then it keeps the command. None when
+    the master had no replica connected (nothing to confirm); False when none confirmed in time.
+    """
 
     command_id: str
     op: str
     args: tuple[str, ...]
     expected: frozenset[str]
+    replicated: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -380,7 +386,8 @@ class FleetResult:
 
     ``results`` holds the first verified answer of each expected host; ``ignored`` counts the
     heartbeats and result entries the publisher did not believe, by reason (``bad signature``,
-    ``not expected``…): forged, stale, oversized or malformed.
+    ``not expected``…): forged, stale, oversized or malformed. ``replicated`` is
+    :attr:`Published.replicated`.
     """
 
     command_id: str
@@ -389,6 +396,7 @@ class FleetResult:
     expected: frozenset[str] = field(default_factory=frozenset)
     elapsed: float = 0.0
     ignored: Mapping[str, int] = field(default_factory=dict)
+    replicated: bool | None = None
 
     @property
     def ok(self) -> bool:
