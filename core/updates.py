@@ -318,7 +318,9 @@ async def fetch_preview(
         ok, upstream = await _git(
             held.path, "rev-parse", "--abbrev-ref", "--symbolic-full-name", "@{upstream}"
         )
-        if not ok or not upstream.strip() or held.head is None:
+        if held.head is None:
+            return FetchPreview("failed", "Not fetched: the checkout has no commit yet.")
+        if not ok or not upstream.strip():
             return FetchPreview(
                 "failed",
                 "Not fetched: the current branch has no upstream to fetch from "

@@ -51,7 +51,17 @@ def test_defaults() -> None:
     assert settings.channel_ids == frozenset()
     assert settings.audit_channel_id is None
     assert [settings.cooldown(c) for c in COMMANDS] == [
-        120.0, 30.0, 15.0, 0.0, 15.0, 30.0, 0.0, 15.0, 60.0, 5.0, 30.0
+        120.0,
+        30.0,
+        15.0,
+        0.0,
+        15.0,
+        30.0,
+        0.0,
+        15.0,
+        60.0,
+        5.0,
+        30.0,
     ]
     assert settings.control_secret is None
     assert settings.control_prefix == "sg:control"
