@@ -1120,9 +1120,26 @@ def _with_detail(headline: str, detail: str, secrets: Sequence[str] = ()) -> str
     return f"{headline}\n{detail}" if detail else headline
 
 
+# Who holds a lock is shown to people, and a lock can be written by others (the lock file by any
+# process of the service's user, the Redis key by any Redis writer): only a name of this grammar
+# is ever shown, and a Redis lock whose value is not "<name>:<32 hex>" was not taken by a service.
+_HOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_HOLDER_UNSAFE = re.compile(r"[^A-Za-z0-9._:@-]")
+_LOCK_TOKEN = re.compile(r"(?P<holder>[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}):[0-9a-f]{32}")
+#: A lock token is at most this long; more is read from Redis only to see that it is not one.
+_LOCK_TOKEN_MAX = 161
+
+
+def _holder_name(holder: str) -> str:
+    """``holder`` in the grammar every shown lock holder must match (unsafe characters → ``-``)."""
+    name = _HOLDER_UNSAFE.sub("-", holder)[:128].lstrip("._:@-")
+    return name or "unknown"
+
+
 def _read_holder(lock_fd: int) -> str:
     with contextlib.suppress(OSError):
-        return os.pread(lock_fd, 200, 0).decode("utf-8", errors="replace").strip()
+        text = os.pread(lock_fd, _LOCK_TOKEN_MAX, 0).decode("ascii", errors="replace").strip()
+        return text if _HOLDER.fullmatch(text) else ""
     return ""
 
 
@@ -1319,16 +1336,27 @@ class _RedisLock:
         if await bounded(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)):
             return None
         self.held = False
-        if await self._forged():
+        holder = await self._holder()
+        if holder is None or await self._forged():
             # Not a lock another service holds: take it over rather than skip every pull.
             self.held = True
             await bounded(self.redis.set(self.key, self.token, px=self.ttl_ms))
             return None
-        try:
-            holder = as_text(await bounded(self.redis.get(self.key)))
-        except redis_errors():  # someone holds it; who exactly is only for the message
-            holder = ""
-        return holder.rsplit(":", 1)[0] if holder else "another service"
+        return holder
+
+    async def _holder(self) -> str | None:
+        """Who holds the lock, from a token only a service writes; None for anything else.
+
+        Read with a bound: the value can be anything a Redis writer put there, of any size.
+        """
+        value = as_text(await bounded(self.redis.getrange(self.key, 0, _LOCK_TOKEN_MAX)))
+        match = _LOCK_TOKEN.fullmatch(value)
+        if match is None:
+            if value:  # an empty value: it expired between our calls; SET NX gets it next time
+                log.warning("pull lock %s holds no service's token; taking it over", self.key)
+                return None
+            return "another service"
+        return match["holder"]
 
     async def _forged(self) -> bool:
         """Whether the key holds no lock a service took: none has no expiry or a longer one."""
@@ -1442,7 +1470,7 @@ async def locked_checkout(
         yield CheckoutRefusal(f"{refused}: the path contains a NUL byte.")
         return
     path = os.path.realpath(repo_dir)
-    who = holder or f"{socket.gethostname()}:{os.getpid()}"
+    who = _holder_name(holder or f"{socket.gethostname()}:{os.getpid()}")
     # Take the lock before running any git when the git dir is evident: a caller that loses
     # costs an open() and a flock(), not a git process.
     info: _RepoInfo | str | None = None
@@ -1528,7 +1556,7 @@ async def _pull_checkout(
     env_passthrough: tuple[str, ...],
     secrets: tuple[str, ...],
 ) -> PullOutcome:
-    holder = instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    holder = _holder_name(instance_id or f"{socket.gethostname()}:{os.getpid()}")
     async with locked_checkout(repo_dir, holder=holder) as held:
         if isinstance(held, CheckoutRefusal):
             if not held.busy:

