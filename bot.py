@@ -22,6 +22,7 @@ from typing import Final
 
 import discord
 from discord.ext import commands
+from redis.asyncio import Redis
 
 from core.chat.process import exit_process
 from core.hardening import CREDENTIALS, make_undumpable
@@ -35,7 +36,7 @@ from core.ops_exec import (
     systemctl_argv,
     unit_state,
 )
-from core.redis_client import make_redis
+from core.redis_client import make_redis, sentinel_master, uses_sentinel
 from core.settings import Settings, SettingsError
 
 #: Extensions loaded at start-up.
@@ -152,15 +153,38 @@ async def _check_redis(settings: Settings) -> tuple[bool, str]:
         return True, "REDIS_URL not set: cooldowns and the restart marker use the state dir"
     shown = settings.masked_redis_url
     client = make_redis(settings.redis_url)
+    try:
+        if uses_sentinel(client):
+            return await _check_sentinel_master(client, shown)
+        started = time.monotonic()
+        try:
+            await bounded(client.ping(), REDIS_CHECK_TIMEOUT)
+        except redis_errors() as exc:
+            return False, f"Redis at {shown} does not answer: {_first_line(exc)}"
+        return True, f"Redis at {shown} answers ({(time.monotonic() - started) * 1000:.1f} ms)"
+    finally:
+        await client.aclose()
+
+
+async def _check_sentinel_master(client: Redis, shown: str | None) -> tuple[bool, str]:
+    """Which master the sentinels name, and whether it answers."""
+    try:
+        master = await bounded(sentinel_master(client), REDIS_CHECK_TIMEOUT)
+    except redis_errors() as exc:
+        return False, f"Redis via Sentinel {shown}: no sentinel names a master: {_first_line(exc)}"
+    named = f"the sentinels name {master[0]}:{master[1]} as master" if master else "no master"
     started = time.monotonic()
     try:
         await bounded(client.ping(), REDIS_CHECK_TIMEOUT)
     except redis_errors() as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else "no answer"
-        return False, f"Redis at {shown} does not answer: {type(exc).__name__}: {detail}"
-    finally:
-        await client.aclose()
-    return True, f"Redis at {shown} answers ({(time.monotonic() - started) * 1000:.1f} ms)"
+        return False, f"Redis via Sentinel {shown}: {named}; it does not answer: {_first_line(exc)}"
+    took = (time.monotonic() - started) * 1000
+    return True, f"Redis via Sentinel {shown}: {named}; it answers ({took:.1f} ms)"
+
+
+def _first_line(exc: BaseException) -> str:
+    detail = str(exc).splitlines()[0] if str(exc) else "no answer"
+    return f"{type(exc).__name__}: {detail}"
 
 
 def _check_fleet(settings: Settings) -> tuple[bool, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.redis_proc import free_port, start_redis_server, stop_redis_server
+from tests.support.redis_proc import start_redis_server, stop_redis_server
 
 #: The master's name in the sentinels' configuration.
 SERVICE = "admin-ops"
@@ -48,6 +49,10 @@ _NODE_ARGS = (
 
 class RespError(Exception):
     """An error reply (``-ERR …``) from a server."""
+
+
+class _Died(RuntimeError):
+    """A process of the cluster exited while it was being started."""
 
 
 def _encode(args: Sequence[object]) -> bytes:
@@ -104,6 +109,31 @@ def info(port: int, section: str = "replication", password: str | None = None) -
     return {key: value for key, value in pairs}
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def listen_port() -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    Outgoing connections (the sentinels make many while the others start) take their local
+    ports from that range: a port chosen there could be taken between choosing and binding.
+    """
+    floor = _ephemeral_floor()
+    for _ in range(200):
+        port = random.randrange(10_000, max(10_001, floor))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -147,14 +177,33 @@ class SentinelCluster:
         """Start everything and wait until the sentinels could fail the master over."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        cluster = cls(workdir, password=password, sentinel_password=sentinel_password)
-        try:
-            cluster._start_nodes()
-            cluster._start_sentinels()
-        except BaseException:
-            cluster.stop()
-            raise
-        return cluster
+        for attempt in range(1, 4):
+            cluster = cls(
+                workdir / f"attempt-{attempt}",
+                password=password,
+                sentinel_password=sentinel_password,
+            )
+            try:
+                cluster._start_nodes()
+                cluster._start_sentinels()
+            except _Died:
+                cluster.stop()
+                if attempt == 3:
+                    raise
+                continue  # a port taken after all: again, on other ports
+            except BaseException:
+                cluster.stop()
+                raise
+            return cluster
+        raise AssertionError("unreachable")
+
+    def _check_alive(self) -> None:
+        """Raise _Died (with its log) if a process this cluster started has exited."""
+        for port, proc in [*self.nodes.items(), *self.sentinels.items()]:
+            if proc.poll() is not None:
+                logs = sorted(self.workdir.glob(f"*-{port}/*.log"))
+                text = logs[0].read_text(errors="replace")[-2000:] if logs else "(no log)"
+                raise _Died(f"the process on port {port} exited ({proc.returncode}): {text}")
 
     def node(self, port: int, *args: object) -> Any:
         """One command to a data node (authenticated when the nodes have a password)."""
@@ -169,14 +218,17 @@ class SentinelCluster:
         if not self.password:
             args = (*_NODE_ARGS, *self._node_extra[port])
             workdir = self.workdir / f"node-{port}"
-            self.nodes[port] = start_redis_server(workdir, port, extra_args=args)
+            try:
+                self.nodes[port] = start_redis_server(workdir, port, extra_args=args)
+            except RuntimeError as exc:  # it exited, or never answered: its port, likely
+                raise _Died(str(exc)) from exc
             return
         # start_redis_server checks that a plain PING answers, which a password forbids: start
         # it here and check with AUTH.
         directory = self.workdir / f"node-{port}"
         directory.mkdir(parents=True, exist_ok=True)
         binary = shutil.which("redis-server") or "redis-server"
-        self.nodes[port] = proc = subprocess.Popen(
+        self.nodes[port] = subprocess.Popen(
             [
                 binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--dir", str(directory), "--logfile", str(directory / "redis.log"),
@@ -186,21 +238,22 @@ class SentinelCluster:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_for(f"node {port} to answer", lambda: proc.poll() is None and self.node(port, "PING"))
+        wait_for(f"node {port} to answer", lambda: self._check_alive() or self.node(port, "PING"))
 
     def _start_nodes(self) -> None:
-        master, replica = free_port(), free_port()
+        master, replica = listen_port(), listen_port()
         self._start_node(master)
         self._start_node(replica, ("--replicaof", "127.0.0.1", str(master)))
         wait_for("the replica to sync", lambda: self._linked(replica))
 
     def _linked(self, replica: int) -> bool:
+        self._check_alive()
         return info(replica, password=self.password).get("master_link_status") == "up"
 
     def _start_sentinels(self) -> None:
         master = next(iter(self.nodes))
         replica = next(port for port in self.nodes if port != master)
-        ports = [free_port() for _ in range(3)]
+        ports = [listen_port() for _ in range(3)]
         # Each sentinel is told its own id and its peers' (a config line sentinels write
         # themselves), so they need not discover each other first: ready in milliseconds.
         ids = {port: os.urandom(20).hex() for port in ports}
@@ -238,6 +291,7 @@ class SentinelCluster:
         wait_for("the sentinels to be ready", self._sentinels_ready)
 
     def _sentinels_ready(self) -> bool:
+        self._check_alive()
         for port in self.sentinels:
             state = _pairs(self.ask(port, "SENTINEL", "MASTER", self.service))
             if state["flags"] != "master" or int(state["num-other-sentinels"]) != 2:
