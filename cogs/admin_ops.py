@@ -52,6 +52,7 @@ from core.chat.replies import NO_MENTIONS, Replies
 from core.chat.restart import SelfRestart
 from core.chat.update_actions import UpdateActions
 from core.control_ops import ControlDaemon
+from core.hardening import make_undumpable
 from core.last_good import HealthWatch
 from core.names import Keys
 from core.ops_exec import Cooldown
@@ -414,7 +415,12 @@ class AdminOps(commands.Cog):
 async def setup(bot: commands.Bot) -> None:
     """Add the cog: settings from the bot when it carries them (``bot.py``), else the environment.
 
-    The Redis client is built from ``REDIS_URL``.
+    The Redis client is built from ``REDIS_URL``. The process is made undumpable, as
+    ``bot.py`` does at its start: a bot that loads this cog holds its token (and, with an
+    in-process daemon, the fleet secret), and the git hooks of every checkout it pulls run as
+    its user — they must not read its environment or memory.
     """
+    if make_undumpable():
+        log.info("process made undumpable: other processes of this user cannot read its memory")
     settings = getattr(bot, "settings", None)
     await bot.add_cog(AdminOps(bot, settings if isinstance(settings, Settings) else None))

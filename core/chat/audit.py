@@ -26,7 +26,7 @@ from core.chat.fields import finite_number, snowflake
 from core.chat.replies import Replies, display_name
 from core.ops_exec import bounded, clean_text, redis_errors
 from core.settings import COMMANDS
-from core.text import format_duration, inline_code
+from core.text import cut, format_duration, inline_code
 
 __all__ = ["AUDIT_LOGGER", "AUDIT_MAXLEN", "AuditDraft", "AuditSink"]
 
@@ -40,7 +40,7 @@ DETAIL_LIMIT: Final = 300
 # What a stored draft may hold: Discord's own limits, with room to spare (a display name with
 # its Markdown escaped may double).
 _NAME_LIMIT: Final = 200
-_PREFIX_LIMIT: Final = 32
+_PREFIX_LIMIT: Final = 64
 _ARG_LIMIT: Final = 2000
 _MAX_ARGS: Final = 8
 _INVOCATION_ID: Final = re.compile(r"[0-9a-f]{1,64}")
@@ -82,19 +82,52 @@ class AuditDraft:
     ) -> AuditDraft:
         """The draft for ``command`` as ``ctx`` invoked it; ``clean`` redacts the arguments."""
         guild = ctx.guild
+        # Stored as it will be checked when read back (a self-restart's next process must be
+        # able to write the record): names on one line, without controls, within the limits.
         return cls(
             invocation=uuid.uuid4().hex,
             user_id=ctx.author.id,
-            user=str(ctx.author),
-            user_shown=display_name(ctx.author),
+            user=_as_name(str(ctx.author), _NAME_LIMIT),
+            user_shown=_as_name(display_name(ctx.author), 2 * _NAME_LIMIT),
             guild_id=guild.id if guild else None,
-            guild=guild.name if guild else None,
+            guild=_as_name(guild.name, _NAME_LIMIT) if guild else None,
             channel_id=ctx.channel.id,
-            channel=getattr(ctx.channel, "name", None) or "DM",
+            channel=_as_name(getattr(ctx.channel, "name", None) or "DM", _NAME_LIMIT),
             command=command,
-            args=tuple(clean(arg) for arg in args),
-            prefix=ctx.clean_prefix,
+            args=tuple(cut(clean(arg), _ARG_LIMIT) for arg in args[:_MAX_ARGS]),
+            prefix=_as_name(ctx.clean_prefix, _PREFIX_LIMIT),
             started_at=time.time(),
+        )
+
+    @classmethod
+    def standing_in(
+        cls,
+        *,
+        command: str,
+        user_id: int,
+        user: str,
+        guild_id: int | None,
+        channel_id: int,
+        started_at: float,
+    ) -> AuditDraft:
+        """A draft made of checked ids, for an invocation whose own draft was lost.
+
+        A record with less detail is better than none: an audit trail must not have holes.
+        """
+        name = _as_name(user, _NAME_LIMIT)
+        return cls(
+            invocation=uuid.uuid4().hex,
+            user_id=user_id,
+            user=name,
+            user_shown=name,
+            guild_id=guild_id,
+            guild=None,
+            channel_id=channel_id,
+            channel="?",
+            command=command,
+            args=(),
+            prefix="",
+            started_at=started_at,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -117,6 +150,11 @@ class AuditDraft:
         except (KeyError, TypeError, ValueError):
             return None
         return cls(**fields)
+
+
+def _as_name(text: str, limit: int) -> str:
+    """``text`` as a stored name: no controls or escapes, one line, at most ``limit`` long."""
+    return cut(clean_text(text).replace("\n", " ").replace("\t", " "), limit)
 
 
 def _text(limit: int, *, one_line: bool = True) -> Callable[[object], str]:

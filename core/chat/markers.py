@@ -17,6 +17,7 @@ marker this host took (kept in the state dir) is a replay and is dropped too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -116,7 +117,7 @@ class RestartMarker:
             requester = data.get("requester", "?")
             if not isinstance(requester, str):
                 return None
-            return cls(
+            marker = cls(
                 channel_id=snowflake(data["channel_id"]),
                 message_id=snowflake(data["message_id"]),
                 requested_at=finite_number(data["requested_at"]),
@@ -130,6 +131,25 @@ class RestartMarker:
             )
         except (KeyError, ValueError):
             return None
+        if data.get("audit") is not None and marker.audit is None:
+            # The draft did not survive its checks: the record is still written, from ids.
+            return marker.with_standing_in_draft()
+        return marker
+
+    def with_standing_in_draft(self) -> RestartMarker:
+        """This marker with a draft made of its own checked ids (none without a requester)."""
+        if self.requester_id is None:
+            return self
+        # Ids only: the free text of a marker that failed its checks is not repeated anywhere.
+        draft = AuditDraft.standing_in(
+            command="bot_restart",
+            user_id=self.requester_id,
+            user=f"user {self.requester_id}",
+            guild_id=self.guild_id,
+            channel_id=self.channel_id,
+            started_at=self.requested_at,
+        )
+        return dataclasses.replace(self, audit=draft)
 
 
 def _optional_id(data: Mapping[str, Any]) -> Callable[[str], int | None]:

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import core.chat.restart as chat_restart
 from cogs.admin_ops import MARKER_MAX_AGE, MESSAGE_LIMIT, AdminOps
 from core import text
 from core.ops_exec import UnitResult, pull_lock_key
+from tests.support import ROOT
 from tests.support.chat import (
     AUDIT_LOGGER,
     Harness,
@@ -1248,3 +1251,37 @@ async def test_exit_mode_writes_the_marker_before_closing_the_bot(
     await harness.say("!bot_restart")
     assert marker_written_at_close == [True]
     assert harness.exits == [26]
+
+
+def test_loading_the_cog_into_any_bot_makes_the_process_undumpable(tmp_path: Path) -> None:
+    # The drop-in case: a bot that is not ours loads the cog. Its token (and with an in-process
+    # daemon the fleet secret) must not be readable by the git hooks of the checkouts it pulls.
+    script = (
+        "import asyncio, discord\n"
+        "from discord.ext import commands\n"
+        "from core.hardening import is_dumpable\n"
+        "async def main():\n"
+        "    bot = commands.Bot(command_prefix='!', intents=discord.Intents.default())\n"
+        "    before = is_dumpable()\n"
+        "    await bot.load_extension('cogs.admin_ops')\n"
+        "    print(before, is_dumpable())\n"
+        "    await bot.unload_extension('cogs.admin_ops')\n"
+        "asyncio.run(main())\n"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "OPS_STATE_DIR": str(tmp_path / "state"),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]

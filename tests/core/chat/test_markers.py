@@ -6,9 +6,12 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from core.chat.audit import AuditDraft
 from core.chat.markers import (
@@ -283,3 +286,54 @@ async def test_a_marker_put_back_after_it_was_taken_is_a_replay(
     newer = {**GOOD, "requested_at": GOOD["requested_at"] + 60}
     await markers.save(newer)
     assert await markers.take() == newer
+
+
+class _Person:
+    def __init__(self, name: str) -> None:
+        self.id = 42
+        self.name = name
+        self.display_name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@given(
+    name=st.text(max_size=300),
+    place=st.text(max_size=300),
+    prefix=st.text(max_size=80),
+    args=st.lists(st.text(max_size=3000), max_size=12),
+)
+def test_a_draft_always_survives_being_stored(
+    name: str, place: str, prefix: str, args: list[str]
+) -> None:
+    # A draft the next process cannot read back would leave a self-restart with no record:
+    # whatever Discord lets a name, a thread or a prefix be, the stored draft is accepted.
+    ctx = SimpleNamespace(
+        guild=SimpleNamespace(id=7, name=place),
+        author=_Person(name),
+        channel=SimpleNamespace(id=9, name=place),
+        clean_prefix=prefix,
+    )
+    made = AuditDraft.of(ctx, "bot_restart", args, lambda text: text)  # type: ignore[arg-type]
+    assert AuditDraft.from_json(json.loads(json.dumps(made.to_json()))) == made
+
+
+def test_a_draft_that_fails_its_checks_is_recorded_from_the_markers_ids() -> None:
+    good = {
+        "channel_id": 9,
+        "message_id": 11,
+        "requested_at": 5.0,
+        "guild_id": 7,
+        "requester_id": 42,
+        "requester": "alice",
+    }
+    marker = RestartMarker.from_json({**good, "audit": {"user_id": "x"}})
+    assert marker is not None
+    assert marker.audit is not None
+    assert (marker.audit.user_id, marker.audit.user, marker.audit.command) == (
+        42,
+        "user 42",
+        "bot_restart",
+    )
+    assert (marker.audit.channel_id, marker.audit.guild_id) == (9, 7)
