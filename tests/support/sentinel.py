@@ -368,6 +368,28 @@ class SentinelCluster:
         """Start the node on ``port`` again, as it was configured (its data reloaded)."""
         self._start_node(port)
 
+    def rejoin(self, port: int) -> None:
+        """Start the node on ``port`` again as a replica of the current master; wait till usable.
+
+        Usable: in sync, and counted by every sentinel (so another failover can promote it).
+        What a node brought back by hand or by configuration management does; a node that
+        comes back as a master is turned into a replica by the sentinels only after about 10 s
+        (:meth:`restart`, then :meth:`wait_until_replica`).
+        """
+        self._node_extra[port] = ("--replicaof", "127.0.0.1", str(self.named_master()))
+        self._start_node(port)
+        self.wait_until_replica(port)
+
+        def counted() -> bool:
+            for sentinel in self.sentinels:
+                replicas = self.ask(sentinel, "SENTINEL", "REPLICAS", self.service)
+                states = {int(_pairs(r)["port"]): _pairs(r)["flags"] for r in replicas}
+                if states.get(port) != "slave":
+                    return False
+            return True
+
+        wait_for(f"every sentinel to count node {port} as a replica", counted)
+
     def wait_until_replica(self, port: int, deadline: float = CLUSTER_DEADLINE) -> None:
         """Wait until the node on ``port`` replicates the current master and is in sync."""
 
