@@ -26,12 +26,15 @@ from core.env_reader import (
     default_state_dir,
     environ_or,
 )
+from core.journal import journalctl_argv
 from core.names import DEFAULT_KEY_PREFIX, DEFAULT_TARGET, default_identity, target_name
 from core.ops_exec import redact
 
 __all__ = [
     "ALWAYS_SECRET",
     "COMMANDS",
+    "DEFAULT_CONFIRM",
+    "DEFAULT_CONFIRM_TIMEOUT",
     "DEFAULT_CONTROL_PREFIX",
     "DEFAULT_COOLDOWNS",
     "DEFAULT_DAEMON_REDIS_URL",
@@ -65,6 +68,8 @@ COMMANDS: tuple[str, ...] = (
     "bot_deps",
     "ops_reload",
     "bot_rollback",
+    "ops_logs",
+    "ops_sync",
 )
 
 #: Seconds between two runs of a command, bot-wide. A command missing here has no cooldown.
@@ -80,7 +85,18 @@ DEFAULT_COOLDOWNS: Mapping[str, float] = {
     "bot_deps": 60.0,
     "ops_reload": 5.0,
     "bot_rollback": 30.0,
+    "ops_logs": 10.0,
+    "ops_sync": 60.0,
 }
+
+#: Commands that ask "are you sure?" with Confirm and Cancel buttons unless ``OPS_CONFIRM`` says
+#: otherwise: the ones that take the bot, a unit or a whole fleet offline, or undo an update.
+DEFAULT_CONFIRM: Final = ("bot_restart", "fleet_restart", "fleet_pull", "bot_rollback")
+#: Seconds a confirmation prompt waits for its answer (``OPS_CONFIRM_TIMEOUT``).
+DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
+#: The longest ``OPS_CONFIRM_TIMEOUT``: a slash command's token lasts 15 minutes, and the action
+#: confirmed after the prompt still has to answer through it.
+MAX_CONFIRM_TIMEOUT: Final = 600.0
 
 #: The Redis key prefix of the fleet's streams and of every key the cog writes.
 DEFAULT_CONTROL_PREFIX: Final = DEFAULT_KEY_PREFIX
@@ -121,6 +137,9 @@ class Settings:
     channel_ids: frozenset[int] = frozenset()
     audit_channel_id: int | None = None
     cooldowns: tuple[tuple[str, float], ...] = tuple(DEFAULT_COOLDOWNS.items())
+    confirm: frozenset[str] = frozenset(DEFAULT_CONFIRM)
+    confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT
+    log_units: tuple[str, ...] = ()
     redact_env: tuple[str, ...] = ()
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
@@ -147,6 +166,12 @@ class Settings:
     def has_role_override(self, command: str) -> bool:
         """Whether ``OPS_ROLE_IDS_<COMMAND>`` replaces the admin roles for ``command``."""
         return command in dict(self.command_role_ids)
+
+    @property
+    def readable_units(self) -> tuple[str, ...]:
+        """The units ``!ops_logs`` may read: the bot's, the proxy's, then ``OPS_LOG_UNITS``."""
+        units = (self.bot_service, self.proxy_service, *self.log_units)
+        return tuple(dict.fromkeys(unit for unit in units if unit))
 
     @property
     def fleet_missing(self) -> tuple[str, ...]:
@@ -223,6 +248,7 @@ class Settings:
             )
         control_identity = reader.identity()
         reader.systemctl()
+        _check_journalctl(reader)
         redact_env = reader.names("OPS_REDACT_ENV")
         settings = cls(
             discord_token=token,
@@ -253,6 +279,14 @@ class Settings:
             channel_ids=reader.id_set("OPS_CHANNEL_IDS", "channel ID"),
             audit_channel_id=reader.snowflake("OPS_AUDIT_CHANNEL_ID", "channel ID"),
             cooldowns=cooldowns,
+            confirm=_confirm(reader),
+            confirm_timeout=reader.seconds(
+                "OPS_CONFIRM_TIMEOUT",
+                DEFAULT_CONFIRM_TIMEOUT,
+                minimum=1.0,
+                maximum=MAX_CONFIRM_TIMEOUT,
+            ),
+            log_units=reader.units("OPS_LOG_UNITS"),
             redact_env=redact_env,
             secrets=reader.secret_values(redact_env, token),
         )
@@ -269,6 +303,30 @@ def _check_role_names(reader: EnvReader, settings: Settings) -> None:
             "role names need OPS_GUILD_IDS: without it, anyone who adds the bot to a server "
             "of their own can create a role with that name there",
         )
+
+
+def _confirm(reader: EnvReader) -> frozenset[str]:
+    """``OPS_CONFIRM``: command names (``bot_restart`` or ``!bot_restart``), or ``none``."""
+    name = "OPS_CONFIRM"
+    if reader.text(name) is None:
+        return frozenset(DEFAULT_CONFIRM)
+    items = [item.lower().lstrip("!/") for item in reader.list(name)]
+    if items == ["none"]:
+        return frozenset()
+    unknown = [item for item in items if item not in COMMANDS]
+    for item in unknown:
+        reader.problem(
+            name, f"{item!r} is not a command (or 'none'); commands: {', '.join(COMMANDS)}"
+        )
+    return frozenset(item for item in items if item in COMMANDS)
+
+
+def _check_journalctl(reader: EnvReader) -> None:
+    """``OPS_JOURNALCTL``: read by :mod:`core.journal` at each call; checked here at start."""
+    try:
+        journalctl_argv(reader.env)
+    except ValueError as exc:
+        reader.problem("OPS_JOURNALCTL", str(exc).removeprefix("OPS_JOURNALCTL "))
 
 
 def _per_command(

@@ -62,6 +62,8 @@ def test_defaults() -> None:
         60.0,
         5.0,
         30.0,
+        10.0,
+        60.0,
     ]
     assert settings.control_secret is None
     assert settings.control_prefix == "sg:control"
@@ -269,6 +271,7 @@ def test_imports_only_the_standard_library() -> None:
         "core.settings",
         "core.env_reader",
         "core.hardening",
+        "core.journal",
         "core.names",
         "core.ops_exec",
     }

@@ -31,7 +31,7 @@ def test_defaults() -> None:
 
 
 def test_the_new_commands_have_their_cooldowns_and_role_overrides() -> None:
-    assert {c: DEFAULT_COOLDOWNS[c] for c in COMMANDS[-4:]} == {
+    assert {c: DEFAULT_COOLDOWNS[c] for c in COMMANDS[-6:-2]} == {
         "bot_fetch": 15.0,
         "bot_deps": 60.0,
         "ops_reload": 5.0,
