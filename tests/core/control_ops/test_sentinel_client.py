@@ -8,19 +8,24 @@ Real ``redis-server`` and ``redis-server --sentinel`` processes on loopback
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.control_ops import alive_hosts, publish
+from core.control_ops import HostResult, alive_hosts, publish, results_key
+from core.control_ops.collect import Collector
 from core.control_ops.report import UNREPLICATED, FleetTally, ok_sentence
+from core.control_ops.wire import result_fields
 from core.redis_client import make_redis
 from tests.support import ROOT
 from tests.support.fleet import DEADLINE, SECRET, run_cli, wait_until
@@ -174,3 +179,55 @@ async def test_both_passwords_reach_their_servers_and_show_nowhere(
         if fleet is not None:
             fleet.stop()
         cluster.stop()
+
+
+async def test_a_collector_that_loses_its_connection_reads_again_and_counts_nothing_twice(
+    redis_client: aioredis.Redis,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a failover does to a publisher waiting for answers.
+
+    The read breaks; the new master holds what had been replicated (a forged entry, read and
+    counted already) and answers written after the switch, numbered below the last entry read
+    on the old master (a promoted replica numbers its own entries).
+    """
+    command_id = "c0ffee" * 5 + "00"
+    key = results_key(command_id, key_prefix)
+    expected = frozenset({"web-1", "web-2"})
+
+    async def add(entry_id: str, result: HostResult, secret: str = SECRET) -> None:
+        fields = result_fields(result, command_id=command_id, secret=secret)
+        await redis_client.xadd(key, dict(fields), id=entry_id)
+
+    forged = HostResult("web-1", True, True, "forged", 0.1)
+    await add("1000-0", forged, secret="not-the-secret")
+    await add("5000-0", HostResult("web-9", True, True, "not expected", 0.1))
+    collector = Collector(
+        redis_client, command_id=command_id, key=key, expected=expected, secret=SECRET
+    )
+    real_wait = collector._wait
+    reads: list[str] = []
+
+    async def failing_over(block_ms: int) -> Any:
+        reads.append(collector._last)
+        if len(reads) == 2:  # the switch, after the first read
+            await redis_client.delete(key)
+            await add("1000-0", forged, secret="not-the-secret")
+            for n, host in enumerate(sorted(expected)):
+                await add(f"2000-{n}", HostResult(host, True, True, "ok", 0.1))
+            raise RedisConnectionError("Connection closed by server.")
+        return await real_wait(block_ms)
+
+    monkeypatch.setattr(collector, "_wait", failing_over)
+    with caplog.at_level(logging.INFO):
+        await collector.run(time.monotonic() + DEADLINE)
+    assert reads[:3] == ["0", "5000-0", "0"]  # after the break: from the start again
+    assert {host: r.summary for host, r in collector.results.items()} == dict.fromkeys(
+        expected, "ok"
+    )
+    # The forged and the unexpected entries were each counted once, before the break.
+    assert sum(collector.ignored.values()) == 2
+    lost = [r for r in caplog.records if r.getMessage().startswith("lost Redis while collecting")]
+    assert len(lost) == 1
