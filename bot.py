@@ -24,7 +24,6 @@ import discord
 from discord.ext import commands
 from redis.asyncio import Redis
 
-from core.chat.process import exit_process
 from core.hardening import CREDENTIALS, make_undumpable
 from core.ops_exec import (
     UnitState,
@@ -315,13 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _restarting_itself(bot: commands.Bot) -> bool:
-    """Whether the admin-ops cog is running ``!bot_restart`` right now."""
-    admission = getattr(bot.get_cog("AdminOps"), "admission", None)
-    running = getattr(admission, "running", None)
-    return isinstance(running, Mapping) and "bot_restart" in running
-
-
 async def serve(bot: commands.Bot, token: str) -> None:
     """Run ``bot`` until it closes; SIGTERM or SIGINT close it cleanly, and this returns.
 
@@ -330,22 +322,15 @@ async def serve(bot: commands.Bot, token: str) -> None:
     unloaded (an in-process fleet daemon not stopped). Cancelling the run instead ends whatever
     it is doing (logging in, or the gateway loop), and ``async with`` closes the bot (cogs
     unloaded, gateway closed with 1000, HTTP session closed) before the process exits 0.
-
-    Except during ``!bot_restart``: that SIGTERM is the restart the command asked systemd for,
-    and systemd stops the command's own ``systemctl`` with it, which the command would read as a
-    failed request and then drop the restart marker that the next process needs for its "back
-    online". The process leaves at once, as the signal would have ended it.
+    The SIGTERM of a restart that ``!bot_restart`` asked for is no different: the command
+    itself knows that its request went out (:mod:`core.chat.restart`).
     """
     loop = asyncio.get_running_loop()
     run = asyncio.current_task()
     stopping: list[int] = []
 
     def stop(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGTERM and _restarting_itself(bot):
-            log.info("%s received while restarting itself: leaving now", name)
-            exit_process(0)
-        log.info("%s received: closing", name)
+        log.info("%s received: closing", signal.Signals(signum).name)
         stopping.append(signum)
         if run is not None:  # always, under asyncio.run
             run.cancel()

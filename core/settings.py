@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from core.env_reader import (
     ALWAYS_SECRET,
@@ -279,14 +279,7 @@ class Settings:
             channel_ids=reader.id_set("OPS_CHANNEL_IDS", "channel ID"),
             audit_channel_id=reader.snowflake("OPS_AUDIT_CHANNEL_ID", "channel ID"),
             cooldowns=cooldowns,
-            confirm=_confirm(reader),
-            confirm_timeout=reader.seconds(
-                "OPS_CONFIRM_TIMEOUT",
-                DEFAULT_CONFIRM_TIMEOUT,
-                minimum=1.0,
-                maximum=MAX_CONFIRM_TIMEOUT,
-            ),
-            log_units=reader.units("OPS_LOG_UNITS"),
+            **_chat_settings(reader),
             redact_env=redact_env,
             secrets=reader.secret_values(redact_env, token),
         )
@@ -303,6 +296,17 @@ def _check_role_names(reader: EnvReader, settings: Settings) -> None:
             "role names need OPS_GUILD_IDS: without it, anyone who adds the bot to a server "
             "of their own can create a role with that name there",
         )
+
+
+def _chat_settings(reader: EnvReader) -> dict[str, Any]:
+    """Confirmation prompts and ``!ops_logs``: ``OPS_CONFIRM``, its timeout, ``OPS_LOG_UNITS``."""
+    return {
+        "confirm": _confirm(reader),
+        "confirm_timeout": reader.seconds(
+            "OPS_CONFIRM_TIMEOUT", DEFAULT_CONFIRM_TIMEOUT, minimum=1.0, maximum=MAX_CONFIRM_TIMEOUT
+        ),
+        "log_units": reader.units("OPS_LOG_UNITS"),
+    }
 
 
 def _confirm(reader: EnvReader) -> frozenset[str]:

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from discord.ext import commands
@@ -100,6 +100,13 @@ class NotConfigured:
         return cls(f"{inv.shown} is not configured: set {' and '.join(variables)}")
 
 
+class _Handover:
+    """Whether the process that comes back writes an invocation's record (mutable, shared)."""
+
+    def __init__(self) -> None:
+        self.next_process = False
+
+
 @dataclass(frozen=True)
 class Invocation:
     """One command as invoked: its context, name and audit draft."""
@@ -107,11 +114,25 @@ class Invocation:
     ctx: commands.Context[Any]
     command: str
     draft: AuditDraft
+    _handover: _Handover = field(default_factory=_Handover, compare=False, repr=False)
 
     @property
     def shown(self) -> str:
         """The command as the invoker typed it, as inline code."""
         return shown(self.ctx, self.command)
+
+    @property
+    def recorded_by_next_process(self) -> bool:
+        """Whether :meth:`record_in_next_process` was called: this process writes no record."""
+        return self._handover.next_process
+
+    def record_in_next_process(self) -> None:
+        """The process that comes back writes this invocation's record, whatever happens here.
+
+        For an action interrupted by the very restart it asked for: the cancellation that
+        follows is not an error, and the record travels with the restart marker.
+        """
+        self._handover.next_process = True
 
 
 #: What a command does, with everything it needs already resolved.
@@ -268,7 +289,7 @@ class Pipeline:
             await self.replies.reply(inv.ctx, *outcome.reply)
         if admitted and not outcome.acted:
             await self.admission.give_back(inv.command)
-        if not outcome.recorded_by_next_process:
+        if not (outcome.recorded_by_next_process or inv.recorded_by_next_process):
             await self.audit.write(
                 inv.draft, outcome.status, outcome.detail, duration, post=loud.post
             )

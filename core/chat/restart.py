@@ -25,11 +25,13 @@ started less than ``OPS_RESTART_MIN_INTERVAL`` seconds ago (:mod:`core.chat.spac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import discord
 from discord.ext import commands
@@ -41,13 +43,56 @@ from core.chat.process import RESTART_EXIT_STATUS
 from core.chat.replies import SEND_ERRORS, Replies, display_name
 from core.chat.rollback_notice import RollbackNotices
 from core.chat.spacing import RestartSpacing
-from core.ops_exec import git_head, request_restart
+from core.ops_exec import (
+    UnitResult,
+    git_head,
+    redact,
+    run_exec,
+    systemctl_argv,
+    validate_unit_name,
+)
+
+# The systemctl environment and the wording of its failures have one home, in ops_exec, which
+# does not yet say whether systemctl was ended by a signal (see request_own_restart).
+from core.ops_exec import _service_env, _systemctl_failure  # isort: skip
 from core.settings import Settings
 from core.text import format_duration, inline_code
 
-__all__ = ["SelfRestart"]
+__all__ = ["RestartRequest", "SelfRestart", "request_own_restart"]
 
 log = logging.getLogger("cogs.admin_ops.restart")
+
+#: Seconds ``systemctl --no-block restart`` may take (it only queues the job).
+REQUEST_TIMEOUT = 10.0
+
+
+class RestartRequest(NamedTuple):
+    """What asking systemd to restart this bot's own unit did."""
+
+    result: UnitResult
+    #: ``systemctl`` was ended by SIGTERM: systemd stopping the unit (and so the client it
+    #: started) is what the request asked for, so the restart is under way.
+    stopped_with_unit: bool = False
+
+
+async def request_own_restart(unit: str, *, secrets: Iterable[str] = ()) -> RestartRequest:
+    """``systemctl --no-block restart <unit>`` for this bot's own unit, now.
+
+    :func:`core.ops_exec.request_restart` does the same, but its result does not say whether
+    systemctl was ended by a signal; here the exit status says it (negative: the signal).
+    """
+    try:
+        name = validate_unit_name(unit)
+        program = systemctl_argv()
+    except ValueError as exc:
+        return RestartRequest(UnitResult(False, str(exc)))
+    argv = [*program, "--no-block", "--no-ask-password", "restart", "--", name]
+    result = await run_exec(argv, env=_service_env(), timeout=REQUEST_TIMEOUT)
+    if result.ok:
+        return RestartRequest(UnitResult(True, redact(f"restart of {name} requested")))
+    summary = _systemctl_failure(name, "restart", result, REQUEST_TIMEOUT, tuple(secrets))
+    stopped = result.returncode == -signal.SIGTERM and not result.timed_out
+    return RestartRequest(UnitResult(False, summary, timed_out=result.timed_out), stopped)
 
 
 class SelfRestart:
@@ -90,22 +135,40 @@ class SelfRestart:
         return Plan(lambda inv: self.restart_by_systemd(inv, unit), guard=guard)
 
     async def restart_by_systemd(self, inv: Invocation, unit: str) -> Outcome:
-        """Reply, leave the marker with the audit draft, then ask systemd (without waiting)."""
+        """Reply, leave the marker with the audit draft, then ask systemd (without waiting).
+
+        systemd stops this process as soon as it runs the job, possibly while ``systemctl``
+        (stopped with it, by the same SIGTERM) has not even exited: once the request is out, a
+        cancellation of this task or a ``systemctl`` ended by SIGTERM means the restart is
+        under way. The marker then stays with its draft, and the next process writes the one
+        record. A cancellation before the request (during ``OPS_RESTART_DELAY``) asked for
+        nothing: the marker goes, and the pipeline records the interruption.
+        """
         await self._announce(inv, inline_code(unit))
         marker = await self._marker(inv, unit, inv.draft)
         await self.markers.save(marker.to_json())
+        sent = False
         try:
-            result = await request_restart(
-                unit, delay=self.settings.restart_delay, secrets=self.replies.secrets
-            )
+            # The reply is out before systemd stops this process.
+            await asyncio.sleep(self.settings.restart_delay)
+            sent = True
+            requested = await request_own_restart(unit, secrets=self.replies.secrets)
+        except asyncio.CancelledError:
+            if sent:
+                log.info("restart of %s under way: the next process records it", unit)
+                inv.record_in_next_process()
+            else:
+                await self.markers.discard()
+            raise
         except BaseException:
-            # Cancelled (the cog unloads during the delay) or a bug: the pipeline records this
-            # invocation, so the marker must not carry it to the next process as well.
+            # A bug: the pipeline records this invocation, so the marker must not carry it too.
             await self.markers.discard()
             raise
-        if result.ok:
+        result = requested.result
+        if result.ok or requested.stopped_with_unit:
             # systemd stops this process once it runs the job: the next one writes the record.
-            return Outcome("ok", detail=result.summary, recorded_by_next_process=True)
+            detail = result.summary if result.ok else "restart under way"
+            return Outcome("ok", detail=detail, recorded_by_next_process=True)
         if result.timed_out:
             # The restart may still come, so the marker stays to announce it; the record is
             # written here and now, so the next process must not write a second one.

@@ -85,6 +85,9 @@ async def harness(
             "OPS_BOT_SERVICE": "bot.service",
             "OPS_PROXY_SERVICE": "proxy.service",
             "OPS_RESTART_DELAY": "0",
+            # dpytest cannot press buttons: confirmations are tested in tests/e2e, and here
+            # through a scripted stand-in (tests/cogs/test_confirmations.py).
+            "OPS_CONFIRM": "none",
         },
     )
     try:

@@ -25,6 +25,7 @@ import core.chat.actions as chat_actions
 import core.chat.restart as chat_restart
 from cogs.admin_ops import MARKER_MAX_AGE, MESSAGE_LIMIT, AdminOps
 from core import text
+from core.chat.restart import RestartRequest
 from core.ops_exec import UnitResult, pull_lock_key
 from tests.support import ROOT
 from tests.support.chat import (
@@ -258,13 +259,13 @@ async def test_bot_restart_is_still_running_while_its_request_waits(
     requested, release = asyncio.Event(), asyncio.Event()
     calls: list[str] = []
 
-    async def gated(unit: str, *, delay: float = 1.0, **_: object) -> UnitResult:
+    async def gated(unit: str, **_: object) -> RestartRequest:
         calls.append(unit)
         requested.set()
         await release.wait()
-        return UnitResult(True, f"restart of {unit} requested")
+        return RestartRequest(UnitResult(True, f"restart of {unit} requested"))
 
-    monkeypatch.setattr(chat_restart, "request_restart", gated)
+    monkeypatch.setattr(chat_restart, "request_own_restart", gated)
     await harness.add_cog(harness.settings(OPS_COOLDOWN_BOT_RESTART="0"))
     first = dpytest.backend.make_message("!bot_restart", harness.admins[0], harness.channel)
     await asyncio.wait_for(requested.wait(), 5)
@@ -683,11 +684,11 @@ async def test_a_stale_marker_still_gets_its_audit_record(
 async def test_a_timed_out_self_restart_is_recorded_now_and_still_announced(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
 ):
-    async def timed_out(unit: str, *, delay: float = 1.0, **_: object) -> UnitResult:
+    async def timed_out(unit: str, **_: object) -> RestartRequest:
         summary = f"systemctl restart {unit} timed out after 10s; the job may still complete"
-        return UnitResult(False, summary, timed_out=True)
+        return RestartRequest(UnitResult(False, summary, timed_out=True))
 
-    monkeypatch.setattr(chat_restart, "request_restart", timed_out)
+    monkeypatch.setattr(chat_restart, "request_own_restart", timed_out)
     cog = await harness.add_cog()
     with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
         message = await harness.say("!bot_restart")
@@ -712,10 +713,10 @@ async def test_a_timed_out_self_restart_is_recorded_now_and_still_announced(
 async def test_a_crashing_restart_request_is_recorded_once_and_leaves_no_marker(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, sent, caplog: pytest.LogCaptureFixture
 ):
-    async def crash(unit: str, *, delay: float = 1.0, **_: object) -> UnitResult:
+    async def crash(unit: str, **_: object) -> RestartRequest:
         raise OSError("the bus is gone")
 
-    monkeypatch.setattr(chat_restart, "request_restart", crash)
+    monkeypatch.setattr(chat_restart, "request_own_restart", crash)
     cog = await harness.add_cog()
     with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
         message = await harness.say("!bot_restart")

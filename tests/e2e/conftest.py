@@ -142,6 +142,7 @@ async def deployed_bot(
             "OPS_GUILD_IDS": str(fake_discord.guild.id),
             # Restarts at least 60 s apart by default: a test cannot wait that long.
             "OPS_RESTART_MIN_INTERVAL": "0",
+            "OPS_CONFIRM": "none",
         },
     )
     environment = {

@@ -8,6 +8,7 @@ next process, which answers the request with "back online". Discord is the fake.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,6 +18,7 @@ import pytest
 from tests.deploy.deploy_support import BOT_UNIT, ShippedUnit
 from tests.e2e.conftest import Deployment
 from tests.support.fake_discord import FakeDiscord, pings_nobody
+from tests.support.fake_discord_bot import ANSI, AUDIT_LINE
 
 pytestmark = pytest.mark.systemd
 T = TypeVar("T")
@@ -84,8 +86,8 @@ async def test_bot_restart_restarts_the_unit_through_polkit_and_the_new_process_
     assert re.fullmatch(rf"✅ Back online after \d+ s — still at {short}", notice.content)
     assert pings_nobody(restarting.allowed_mentions)
     assert pings_nobody(notice.allowed_mentions)
-    # The first process left at once on systemd's SIGTERM (bot.py does so while restarting
-    # itself), after its reply; the second one logged in with the token from the credential.
+    # The first process closed on systemd's SIGTERM after its reply, leaving the record to the
+    # second one, which logged in with the token from the credential.
     assert first.closed
     assert restarting.seq <= (first.closed_after_requests or 0) < notice.seq
     state = await asyncio.to_thread(systemd.show, BOT_UNIT, "ActiveState", "MainPID", "User")
@@ -102,5 +104,9 @@ async def test_bot_restart_restarts_the_unit_through_polkit_and_the_new_process_
     await _until(deployment, fake_discord, lambda: second.closed, "the connection closed")
     assert second.close_code == 1000
     output = bot_output(deployment)
-    assert "SIGTERM received while restarting itself: leaving now" in output
-    assert "SIGTERM received: closing" in output
+    assert output.count("SIGTERM received: closing") == 2
+    assert "Traceback" not in output
+    # One record of the restart, by the process that came back.
+    found = (AUDIT_LINE.search(ANSI.sub("", line)) for line in output.splitlines())
+    records = [json.loads(match.group(1)) for match in found if match]
+    assert [(r["command"], r["outcome"]) for r in records] == [("bot_restart", "ok")]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +31,9 @@ SITE_DIR = Path(__file__).resolve().parent / "fake_discord_site"
 #: The variables that ``sitecustomize.py`` reads.
 BASE_VARIABLE = "ADMIN_OPS_TEST_DISCORD_BASE"
 GATEWAY_VARIABLE = "ADMIN_OPS_TEST_DISCORD_GATEWAY"
+#: A log line of the cog's audit logger in discord.py's log format (colours removed first).
+AUDIT_LINE = re.compile(r"cogs\.admin_ops\.audit:? (\{.*\})$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: What a test's bot gets from the test's own environment (an isolated HOME and git config).
 PASSED_THROUGH = ("PATH", "HOME", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_NOSYSTEM", "LANG", "LC_ALL")
 
@@ -81,6 +86,11 @@ class BotProcess:
     def output(self) -> str:
         """Everything it wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """The audit records it logged so far (one JSON object per log line), in order."""
+        found = (AUDIT_LINE.search(ANSI.sub("", line)) for line in self.output().splitlines())
+        return [json.loads(match.group(1)) for match in found if match]
 
     def _alive(self) -> None:
         """Raise when the process has ended (:meth:`until` adds its output)."""
