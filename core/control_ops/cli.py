@@ -237,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.control_ops",
         description="Fleet control over Redis: run the per-host daemon, or publish a command.",
-        epilog="Environment: REDIS_URL, OPS_CONTROL_SECRET, OPS_CONTROL_PREFIX; the daemon also "
+        epilog="Environment: REDIS_URL (redis://… or redis+sentinel://…), OPS_CONTROL_SECRET, "
+        "OPS_CONTROL_PREFIX; the daemon also "
         "reads OPS_IDENTITY, OPS_REPO_DIR (the target 'bot'), OPS_PULL_TARGETS (name=/path,...), "
         "OPS_PULL_TIMEOUT, OPS_GIT_ENV_PASSTHROUGH, OPS_RESTART_UNITS, OPS_OWN_UNITS, "
         "OPS_RESTART_DELAY. The wire format: docs/fleet-protocol.md.",
