@@ -78,7 +78,9 @@ async def test_a_cooldown_and_a_restart_marker_set_before_a_failover_hold_after_
     assert only_reply(sent, during[0]).content.startswith("✅")
     assert "is cooling down" in only_reply(sent, during[1]).content
     assert "is cooling down" in only_reply(sent, again).content
-    assert len(fallback_lines(caplog, "cooldown try_acquire: Redis unavailable")) == 1
+    # One line, however many calls: Redis is left alone for a while after a failure. (None
+    # if the sentinels were quicker than this test and every call reached the new master.)
+    assert len(fallback_lines(caplog, "cooldown try_acquire: Redis unavailable")) <= 1
 
     new = await asyncio.to_thread(cluster.wait_for_failover, old)
     caplog.clear()

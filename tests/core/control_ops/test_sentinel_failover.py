@@ -127,8 +127,14 @@ def answers(
     return rows
 
 
-def assert_all_ok_once(result: FleetResult) -> None:
-    assert result.ok, result
+def assert_all_ok_once(result: FleetResult, fleet: DaemonFleet) -> None:
+    # The daemons' logs of the hosts that did not answer ok say why.
+    logs = "\n".join(
+        f"--- {host}\n{fleet.log(host)[-3000:]}"
+        for host in sorted(HOSTS)
+        if host not in result.results or not result.results[host].ok
+    )
+    assert result.ok, f"{result}\n{logs}"
     assert result.expected == HOSTS
     assert {host: r.ran for host, r in result.results.items()} == dict.fromkeys(HOSTS, True)
 
@@ -138,7 +144,7 @@ async def test_fan_out_through_sentinel_every_host_answers_once(
 ) -> None:
     await every_host_alive(publisher, key_prefix)
     result = await restart(publisher, key_prefix, "job-1")
-    assert_all_ok_once(result)
+    assert_all_ok_once(result, fleet)
     # The master has a replica, and it confirmed the command before anyone relied on it.
     assert result.replicated is True
     assert runs(fleet, "job-1") == dict.fromkeys(HOSTS, 1)
@@ -150,12 +156,12 @@ async def test_sigkill_of_the_master_between_two_commands(
     cluster: SentinelCluster, fleet: DaemonFleet, publisher: aioredis.Redis, key_prefix: str
 ) -> None:
     await every_host_alive(publisher, key_prefix)
-    assert_all_ok_once(await restart(publisher, key_prefix, "job-1"))
+    assert_all_ok_once(await restart(publisher, key_prefix, "job-1"), fleet)
 
     old, new = await failover(cluster)
     # The same clients: the publisher's and every daemon's follow the sentinels by themselves.
     second = await restart(publisher, key_prefix, "job-2", timeout=FAILOVER_WAIT)
-    assert_all_ok_once(second)
+    assert_all_ok_once(second, fleet)
     assert runs(fleet, "job-1") == dict.fromkeys(HOSTS, 1)
     assert runs(fleet, "job-2") == dict.fromkeys(HOSTS, 1)
     # Exactly once: one answer per host on the new master, no redelivery of anything.
@@ -228,13 +234,13 @@ async def test_sigkill_with_commands_in_flight_runs_nothing_twice_and_shows_no_f
     assert not any(r.ok for r in g_result.results.values()), g_result
     assert g_result.silent | g_result.results.keys() == HOSTS
     # A ran during the switch and its answers went to the new master: real, one run each.
-    assert_all_ok_once(a_result)
+    assert_all_ok_once(a_result, fleet)
     # B was lost whole: every host silent.
     assert (b_result.silent, b_result.results) == (HOSTS, {})
 
     # And the fleet is whole again: the next command reaches every host exactly once.
     after = await restart(publisher, key_prefix, "job-1", timeout=FAILOVER_WAIT)
-    assert_all_ok_once(after)
+    assert_all_ok_once(after, fleet)
     assert runs(fleet, "job-1") == dict.fromkeys(HOSTS, 1)
 
 
@@ -242,17 +248,17 @@ async def test_the_old_master_returns_as_a_replica_and_nothing_runs_again(
     cluster: SentinelCluster, fleet: DaemonFleet, publisher: aioredis.Redis, key_prefix: str
 ) -> None:
     await every_host_alive(publisher, key_prefix)
-    assert_all_ok_once(await restart(publisher, key_prefix, "job-1"))
+    assert_all_ok_once(await restart(publisher, key_prefix, "job-1"), fleet)
     old, new = await failover(cluster)
-    assert_all_ok_once(await restart(publisher, key_prefix, "job-2", timeout=FAILOVER_WAIT))
+    assert_all_ok_once(await restart(publisher, key_prefix, "job-2", timeout=FAILOVER_WAIT), fleet)
 
     # Back with its old data (its append-only file), and claiming to be the master until the
     # sentinels turn it into a replica of the new one.
     await asyncio.to_thread(cluster.restart, old)
-    assert_all_ok_once(await restart(publisher, key_prefix, "job-3"))
+    assert_all_ok_once(await restart(publisher, key_prefix, "job-3"), fleet)
     await asyncio.to_thread(cluster.wait_until_replica, old)
     fourth = await restart(publisher, key_prefix, "job-4")
-    assert_all_ok_once(fourth)
+    assert_all_ok_once(fourth, fleet)
     assert fourth.replicated is True  # the old master, now a replica, confirmed it
 
     for unit in ("job-1", "job-2", "job-3", "job-4"):
