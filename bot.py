@@ -237,14 +237,17 @@ def _check_token(settings: Settings, environ: Mapping[str, str]) -> tuple[Verdic
 
 
 def _check_guilds(settings: Settings) -> tuple[Verdict, str]:
-    """Which servers the commands work in; all of them is worth a warning."""
+    """Which servers the commands work in (and are slash commands in); all is worth a warning."""
     if not settings.guild_ids:
         return None, (
-            "OPS_GUILD_IDS not set: commands work in any server the bot is in "
-            "(set it to your servers' IDs)"
+            "OPS_GUILD_IDS not set: commands work in any server the bot is in, as prefix "
+            "commands only: no slash commands (set it to your servers' IDs)"
         )
     servers = ", ".join(str(guild) for guild in sorted(settings.guild_ids))
-    return True, f"OPS_GUILD_IDS: commands work only in servers {servers}"
+    return True, (
+        f"OPS_GUILD_IDS: commands work only in servers {servers}, "
+        "where they are also slash commands"
+    )
 
 
 async def run_checks(

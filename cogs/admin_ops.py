@@ -32,13 +32,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import discord
 import redis.asyncio as aioredis
+from discord import app_commands
 from discord.ext import commands
 
 from core.chat import process
 from core.chat.actions import HostActions
 from core.chat.admission import Admission, make_cooldowns
 from core.chat.audit import AuditSink
+from core.chat.confirm import ButtonConfirmer
 from core.chat.extensions import note_loaded
 from core.chat.fleet_action import FleetCommands
 from core.chat.fleet_board import FLEET_EDIT_INTERVAL, FleetBoard, LiveMessage
@@ -50,6 +53,7 @@ from core.chat.process import RESTART_EXIT_STATUS
 from core.chat.reload_action import ExtensionReloads
 from core.chat.replies import NO_MENTIONS, Replies
 from core.chat.restart import SelfRestart
+from core.chat.slash import CommandSync, LineCount, choices, ops_command, register_in_guilds
 from core.chat.update_actions import UpdateActions
 from core.control_ops import ControlDaemon
 from core.hardening import make_undumpable
@@ -144,7 +148,7 @@ class AdminOps(commands.Cog):
             bot, self.replies, redis=redis, stream=keys.audit, channel_id=settings.audit_channel_id
         )
         self.floods = RefusalFloodGate(clock=clock)
-        self.pipeline = Pipeline(self.admission, self.audit, self.replies, self.floods)
+        self._add_pipeline()
         self.markers = RestartMarkers(
             redis=redis,
             key=keys.restart_marker(host, unit),
@@ -162,6 +166,17 @@ class AdminOps(commands.Cog):
             repo_dir=settings.repo_dir,
             healthy_after=settings.healthy_after,
             sleep=sleep,
+        )
+
+    def _add_pipeline(self) -> None:
+        """The one path of every command (with its confirmations), and the slash commands."""
+        settings = self.settings
+        confirmer = ButtonConfirmer(self.replies, settings.confirm_timeout)
+        self.pipeline = Pipeline(self.admission, self.audit, self.replies, self.floods, confirmer)
+        # Slash commands only in the operator's servers, and none without OPS_GUILD_IDS.
+        register_in_guilds(self, settings.guild_ids)
+        self.command_sync = CommandSync(
+            self.bot, settings.guild_ids, settings.state_dir, self.replies
         )
 
     def _add_actions(self, exit_process: Callable[[int], None], python: str | None) -> None:
@@ -250,6 +265,8 @@ class AdminOps(commands.Cog):
         if self.bot.is_ready():
             self._schedule_back_online()
             self.health.connected()
+        # Logged in (loaded from setup_hook, or later): the commands can be synced already.
+        self.command_sync.start()
         if self.in_process is not None:
             self.in_process.start()
 
@@ -259,7 +276,7 @@ class AdminOps(commands.Cog):
         An invocation under way (``!ops_reload`` of this very cog) still replies and writes
         its record through this instance: the client is closed once it is over.
         """
-        for task in (self.back_online_task, self.health_task):
+        for task in (self.back_online_task, self.health_task, self.command_sync.task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -280,6 +297,7 @@ class AdminOps(commands.Cog):
         note_loaded(self.bot.extensions)
         self._schedule_back_online()
         self.health.connected()
+        self.command_sync.start()
 
     @commands.Cog.listener()
     async def on_resumed(self) -> None:
@@ -306,8 +324,11 @@ class AdminOps(commands.Cog):
         )
 
     # ------------------------------------------------------------------ commands
+    #
+    # Hybrid (core.chat.slash.ops_command): ``!name`` and ``/name`` run the same method.
 
-    @commands.command(name="bot_pull")
+    @ops_command("bot_pull")
+    @app_commands.describe(target="A configured checkout (default: the bot's own)")
     async def pull_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
         """Fast-forward a checkout: the bot's own by default, or a named target."""
         typed = target.strip()
@@ -318,22 +339,43 @@ class AdminOps(commands.Cog):
             args=_typed(typed),
         )
 
-    @commands.command(name="bot_restart")
+    @ops_command("bot_restart")
     async def restart_command(self, ctx: commands.Context[Any]) -> None:
         """Restart the bot (reply first; say "back online" when it returns)."""
         await self.pipeline.invoke(ctx, "bot_restart", self.self_restart.configure)
 
-    @commands.command(name="proxy_restart")
+    @ops_command("proxy_restart")
     async def proxy_restart_command(self, ctx: commands.Context[Any]) -> None:
         """Restart the proxy unit and report how it went."""
         await self.pipeline.invoke(ctx, "proxy_restart", self.host_actions.configure_proxy_restart)
 
-    @commands.command(name="ops_status")
+    @ops_command("ops_status")
     async def status_command(self, ctx: commands.Context[Any]) -> None:
         """Host, units, checkouts, uptime, cooldowns and Redis, at a glance."""
         await self.pipeline.invoke(ctx, "ops_status", self.host_actions.configure_status)
 
-    @commands.command(name="fleet_pull")
+    @ops_command("ops_logs")
+    @app_commands.describe(unit="A unit whose journal may be read", lines="How many lines (50)")
+    async def logs_command(
+        self, ctx: commands.Context[Any], unit: str = "", lines: LineCount | None = None
+    ) -> None:
+        """The last lines of a unit's journal: the bot's, the proxy's or OPS_LOG_UNITS."""
+        # LineCount gives text either way (the number of a slash option, or the word typed).
+        typed_unit, typed_lines = unit.strip(), str(lines or "").strip()
+        await self.pipeline.invoke(
+            ctx,
+            "ops_logs",
+            lambda inv: self.host_actions.configure_logs(inv, typed_unit, typed_lines),
+            args=[word for word in (typed_unit, typed_lines) if word],
+        )
+
+    @ops_command("ops_sync")
+    async def sync_command(self, ctx: commands.Context[Any]) -> None:
+        """Register the slash commands in the servers of OPS_GUILD_IDS again, now."""
+        await self.pipeline.invoke(ctx, "ops_sync", self.command_sync.configure)
+
+    @ops_command("fleet_pull")
+    @app_commands.describe(target="The checkout's name on each host (default: bot)")
     async def fleet_pull_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
         """Fast-forward a checkout on every host that runs the control daemon."""
         typed = target.strip()
@@ -344,7 +386,8 @@ class AdminOps(commands.Cog):
             args=_typed(typed),
         )
 
-    @commands.command(name="fleet_restart")
+    @ops_command("fleet_restart")
+    @app_commands.describe(unit="The unit to restart on each host that allows it")
     async def fleet_restart_command(self, ctx: commands.Context[Any], *, unit: str = "") -> None:
         """Restart a unit on every host whose control daemon allows it."""
         typed = unit.strip()
@@ -355,12 +398,13 @@ class AdminOps(commands.Cog):
             args=_typed(typed),
         )
 
-    @commands.command(name="fleet_status")
+    @ops_command("fleet_status")
     async def fleet_status_command(self, ctx: commands.Context[Any]) -> None:
         """Each host's commits, unit states, version and uptime."""
         await self.pipeline.invoke(ctx, "fleet_status", self.fleet.configure_status)
 
-    @commands.command(name="bot_fetch")
+    @ops_command("bot_fetch")
+    @app_commands.describe(target="A configured checkout (default: the bot's own)")
     async def fetch_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
         """Fetch and show what a pull would bring and need; nothing in the checkout moves."""
         typed = target.strip()
@@ -371,7 +415,8 @@ class AdminOps(commands.Cog):
             args=_typed(typed),
         )
 
-    @commands.command(name="bot_deps")
+    @ops_command("bot_deps")
+    @app_commands.describe(target="A configured checkout (default: the bot's own)")
     async def deps_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
         """Install a checkout's requirements into the bot's virtual environment."""
         typed = target.strip()
@@ -382,7 +427,8 @@ class AdminOps(commands.Cog):
             args=_typed(typed),
         )
 
-    @commands.command(name="bot_rollback")
+    @ops_command("bot_rollback")
+    @app_commands.describe(target="A configured checkout (default: the bot's own)")
     async def rollback_command(self, ctx: commands.Context[Any], *, target: str = "") -> None:
         """Move a checkout back to where its last recorded pull found it."""
         typed = target.strip()
@@ -393,17 +439,66 @@ class AdminOps(commands.Cog):
             args=_typed(typed),
         )
 
-    @commands.command(name="ops_reload")
-    async def reload_command(self, ctx: commands.Context[Any], *names: str) -> None:
+    @ops_command("ops_reload")
+    @app_commands.describe(names="Extensions to reload, space-separated (default: changed ones)")
+    async def reload_command(self, ctx: commands.Context[Any], *, names: str = "") -> None:
         """Reload the named extensions, or every one whose source changed since it loaded."""
+        typed = names.split()
         await self.pipeline.invoke(
-            ctx, "ops_reload", lambda inv: self.reloads.configure(inv, names), args=list(names)
+            ctx, "ops_reload", lambda inv: self.reloads.configure(inv, typed), args=typed
         )
+
+    # ------------------------------------------------------------------ autocompletion
+
+    async def _may_see(self, interaction: discord.Interaction[Any], command: str) -> bool:
+        """Whether the names may be shown: the command's role and channel checks pass."""
+        refused = await self.admission.refused(
+            interaction.guild, interaction.user, interaction.channel, command
+        )
+        return refused is None
+
+    @pull_command.autocomplete("target")
+    @fetch_command.autocomplete("target")
+    @deps_command.autocomplete("target")
+    @rollback_command.autocomplete("target")
+    @fleet_pull_command.autocomplete("target")
+    async def _target_names(
+        self, interaction: discord.Interaction[Any], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        command = interaction.command.name if interaction.command is not None else ""
+        if not await self._may_see(interaction, command):
+            return []
+        return choices((t.name for t in self.settings.pull_targets), typed)
+
+    @fleet_restart_command.autocomplete("unit")
+    async def _unit_names(
+        self, interaction: discord.Interaction[Any], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        if not await self._may_see(interaction, "fleet_restart"):
+            return []
+        units = (self.settings.bot_service, self.settings.proxy_service)
+        return choices((unit for unit in units if unit), typed)
+
+    @logs_command.autocomplete("unit")
+    async def _readable_units(
+        self, interaction: discord.Interaction[Any], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        if not await self._may_see(interaction, "ops_logs"):
+            return []
+        return choices(self.settings.readable_units, typed)
+
+    @reload_command.autocomplete("names")
+    async def _extension_names(
+        self, interaction: discord.Interaction[Any], typed: str
+    ) -> list[app_commands.Choice[str]]:
+        if not await self._may_see(interaction, "ops_reload"):
+            return []
+        return choices(sorted(self.bot.extensions), typed)
 
     async def cog_command_error(self, ctx: commands.Context[Any], error: Exception) -> None:
         """Answer errors that escaped the pipeline (argument parsing) in one sentence."""
         if isinstance(error, commands.UserInputError):
-            await self.replies.reply(ctx, f"❌ {error}")
+            await self.replies.reply(ctx, f"❌ {error}", private=True)
             return
         original = getattr(error, "original", error)
         log.error("command %s failed", ctx.command, exc_info=original)

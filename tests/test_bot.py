@@ -77,7 +77,8 @@ def test_check_passes_on_a_good_configuration(
     assert "is writable" in text
     assert "fleet: !fleet_* commands off (they need OPS_CONTROL_SECRET)" in text
     assert (
-        "✅ OPS_GUILD_IDS: commands work only in servers 111111111111111111, 222222222222222222"
+        "✅ OPS_GUILD_IDS: commands work only in servers 111111111111111111, 222222222222222222,"
+        " where they are also slash commands"
     ) in lines
     assert token not in text
     assert len(lines) == 10
@@ -219,8 +220,8 @@ def test_check_warns_when_commands_work_in_any_server(
     assert result.returncode == 0, result.stdout + result.stderr
     warnings = [line for line in result.stdout.splitlines() if not line.startswith("✅ ")]
     assert warnings == [
-        "⚠️ OPS_GUILD_IDS not set: commands work in any server the bot is in "
-        "(set it to your servers' IDs)"
+        "⚠️ OPS_GUILD_IDS not set: commands work in any server the bot is in, as prefix "
+        "commands only: no slash commands (set it to your servers' IDs)"
     ]
 
 

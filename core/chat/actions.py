@@ -1,4 +1,4 @@
-"""What ``!bot_pull``, ``!proxy_restart`` and ``!ops_status`` do on this host.
+"""What ``!bot_pull``, ``!proxy_restart``, ``!ops_logs`` and ``!ops_status`` do on this host.
 
 Each command has a ``configure_*`` method, which the pipeline asks once the invoker passed the
 role and channel checks: it resolves the settings and arguments (the target, the unit) into an
@@ -23,6 +23,7 @@ from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Pla
 from core.chat.process import process_started_at
 from core.chat.replies import Replies
 from core.chat.spacing import RestartSpacing
+from core.journal import DEFAULT_LINES, MAX_LINES, read_journal
 from core.names import DEFAULT_TARGET
 from core.ops_exec import (
     PullOutcome,
@@ -34,11 +35,23 @@ from core.ops_exec import (
     redis_errors,
     restart_unit,
     unit_state,
+    validate_unit_name,
 )
 from core.settings import PullTarget, Settings
 from core.text import format_duration, inline_code
 
 __all__ = ["AfterPull", "HostActions"]
+
+
+def _line_count(typed: str) -> int | None:
+    """``lines`` as typed: empty is the default, else a whole number from 1 to MAX_LINES."""
+    if not typed:
+        return DEFAULT_LINES
+    if not typed.isascii() or not typed.isdigit() or len(typed) > 5:
+        return None
+    lines = int(typed)
+    return lines if 1 <= lines <= MAX_LINES else None
+
 
 #: What a pull that moved ``HEAD`` adds to its reply's details: what the update needs (see
 #: :mod:`core.chat.update_actions`).
@@ -144,6 +157,57 @@ class HostActions:
         # A timed-out restart may still complete (acted), so it keeps its cooldown.
         reply = Reply(f"❌ Could not restart {inline_code(unit)}", result.summary)
         return Outcome("failed", acted=result.acted, detail=result.summary, reply=reply)
+
+    # ------------------------------------------------------------------ !ops_logs
+
+    def configure_logs(
+        self, inv: Invocation, typed_unit: str, typed_lines: str
+    ) -> Action | NotConfigured:
+        """Read the journal of ``typed_unit``, one of the units it may read; nothing else runs."""
+        allowed = self.settings.readable_units
+        if not allowed:
+            return NotConfigured(
+                f"{inv.shown} is not configured: set OPS_BOT_SERVICE, OPS_PROXY_SERVICE "
+                "or OPS_LOG_UNITS"
+            )
+        listed = ", ".join(inline_code(unit) for unit in allowed)
+        if not typed_unit:
+            usage = f"{inv.ctx.clean_prefix}{inv.command}"
+            return NotConfigured(
+                f"Usage: `{usage} <unit> [lines]`, e.g. `{usage} {allowed[0]} 100`. "
+                f"Units: {listed}."
+            )
+        try:
+            unit: str | None = validate_unit_name(typed_unit)
+        except ValueError:
+            unit = None
+        if unit is None or unit not in allowed:
+            return NotConfigured(
+                f"{inline_code(typed_unit)} is not a unit {inv.shown} may read. Units: {listed}."
+            )
+        lines = _line_count(typed_lines)
+        if lines is None:
+            return NotConfigured(
+                f"Lines for {inv.shown} must be a whole number from 1 to {MAX_LINES}, "
+                f"not {inline_code(typed_lines)}."
+            )
+        return lambda inv: self.logs(inv, unit, lines)
+
+    async def logs(self, inv: Invocation, unit: str, lines: int) -> Outcome:
+        """The last ``lines`` journal lines of ``unit``, in a code block or an attachment."""
+        async with self.replies.typing(inv.ctx):
+            tail = await read_journal(unit, lines)
+        name = inline_code(unit)
+        if not tail.ok:
+            reply = Reply(f"❌ Could not read the journal of {name}: {tail.summary}", tail.text)
+            return Outcome("failed", acted=False, detail=tail.summary, reply=reply)
+        if tail.summary.startswith("no journal lines"):
+            headline = f"📜 No journal lines for {name}"
+        else:
+            headline = f"📜 Last {tail.summary} of {name}"
+        if tail.truncated:
+            headline += " (output cut short)"
+        return Outcome("ok", detail=tail.summary, reply=Reply(headline, tail.text or None))
 
     # ------------------------------------------------------------------ !ops_status
 

@@ -89,32 +89,51 @@ class Admission:
 
     async def check(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
         """The first failing check of: server only (a listed one), role, channel."""
-        guild = ctx.guild
-        if guild is None or not isinstance(ctx.author, discord.Member):
-            return Refusal("refused:dm", SERVER_ONLY)
+        status = await self.refused(ctx.guild, ctx.author, ctx.channel, command)
+        if status is None:
+            return None
+        if status == "refused:role":
+            return Refusal(status, f"You need an ops role to run {shown(ctx, command)}.")
+        if status == "refused:channel":
+            return Refusal(status, f"{shown(ctx, command)} can't be used in this channel.")
+        return Refusal(status, SERVER_ONLY)
+
+    async def refused(
+        self, guild: discord.Guild | None, author: object, channel: object, command: str
+    ) -> RefusalStatus | None:
+        """Why ``author`` may not run ``command`` in ``channel`` of ``guild``, or None.
+
+        The who-and-where of :meth:`check`, for what has no command context (autocompletion).
+        """
+        if guild is None or not isinstance(author, discord.Member):
+            return "refused:dm"
         listed = self.settings.guild_ids
         # A stranger's server learns no more than a DM does, and not even the owner acts there.
         if listed and guild.id not in listed:
-            return Refusal("refused:guild", SERVER_ONLY)
-        if not await self.may_run(ctx, command):
-            return Refusal("refused:role", f"You need an ops role to run {shown(ctx, command)}.")
+            return "refused:guild"
+        if not await self.may_run_in(guild, author, command):
+            return "refused:role"
         allowed = self.settings.channel_ids
         # A thread counts as its parent channel.
-        parent_id = getattr(ctx.channel, "parent_id", None)
-        if allowed and ctx.channel.id not in allowed and parent_id not in allowed:
-            return Refusal(
-                "refused:channel", f"{shown(ctx, command)} can't be used in this channel."
-            )
+        parent_id = getattr(channel, "parent_id", None)
+        if allowed and getattr(channel, "id", None) not in allowed and parent_id not in allowed:
+            return "refused:channel"
         return None
 
     async def may_run(self, ctx: commands.Context[Any], command: str) -> bool:
-        """Whether ``ctx``'s author may run ``command`` in ``ctx``'s server.
-
-        The application owner (or team) always; else a role, from the settings, that the author
-        holds in the server the command came from.
-        """
+        """Whether ``ctx``'s author may run ``command`` in ``ctx``'s server."""
         member, guild = ctx.author, ctx.guild
-        if guild is None or not isinstance(member, discord.Member) or member.guild.id != guild.id:
+        if guild is None or not isinstance(member, discord.Member):
+            return False
+        return await self.may_run_in(guild, member, command)
+
+    async def may_run_in(self, guild: discord.Guild, member: discord.Member, command: str) -> bool:
+        """Whether ``member`` may run ``command`` in ``guild``.
+
+        The application owner (or team) always; else a role, from the settings, that the member
+        holds in that very server.
+        """
+        if member.guild.id != guild.id:
             return False
         try:
             if await self.bot.is_owner(member):
@@ -135,8 +154,15 @@ class Admission:
             return False
         return any(role.name in names for role in roles)
 
-    async def admit(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
-        """Refuse when the command is running or cooling down; else mark it running."""
+    async def admit(
+        self, ctx: commands.Context[Any], command: str, *, take_cooldown: bool = True
+    ) -> Refusal | None:
+        """Refuse when the command is running or cooling down; else mark it running.
+
+        ``take_cooldown=False`` (the command first asks for a confirmation): a cooldown under
+        way still refuses, but the run takes its own only once confirmed
+        (:meth:`take_cooldown`).
+        """
         async with self._locks.setdefault(command, asyncio.Lock()):
             running = self._running.get(command)
             if running is not None:
@@ -148,15 +174,22 @@ class Admission:
                 )
             cooldown = self.cooldowns.get(command)
             if cooldown is not None:
-                remaining = await cooldown.try_acquire(command)
+                if take_cooldown:
+                    remaining = await cooldown.try_acquire(command)
+                else:
+                    remaining = await cooldown.remaining(command)
                 if remaining > 0:
-                    wait = format_duration(remaining, round_up=True)
-                    return Refusal(
-                        "refused:cooldown",
-                        f"{shown(ctx, command)} is cooling down — try again in {wait}.",
-                    )
+                    return _cooling_down(ctx, command, remaining)
             self._running[command] = Running(display_name(ctx.author), time.monotonic())
         return None
+
+    async def take_cooldown(self, ctx: commands.Context[Any], command: str) -> Refusal | None:
+        """Take the cooldown of a command admitted without it; a refusal if it was taken since."""
+        cooldown = self.cooldowns.get(command)
+        if cooldown is None:
+            return None
+        remaining = await cooldown.try_acquire(command)
+        return _cooling_down(ctx, command, remaining) if remaining > 0 else None
 
     async def give_back(self, command: str) -> None:
         """Forget the cooldown use of a run that did nothing: the operator may retry at once."""
@@ -167,3 +200,10 @@ class Admission:
     def done(self, command: str) -> None:
         """The admitted run of ``command`` is over."""
         self._running.pop(command, None)
+
+
+def _cooling_down(ctx: commands.Context[Any], command: str, remaining: float) -> Refusal:
+    wait = format_duration(remaining, round_up=True)
+    return Refusal(
+        "refused:cooldown", f"{shown(ctx, command)} is cooling down — try again in {wait}."
+    )

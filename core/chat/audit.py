@@ -34,6 +34,8 @@ __all__ = ["AUDIT_LOGGER", "AUDIT_MAXLEN", "AuditDraft", "AuditSink"]
 AUDIT_LOGGER: Final = "cogs.admin_ops.audit"
 #: The audit stream keeps roughly this many entries.
 AUDIT_MAXLEN: Final = 10_000
+#: How a confirmation prompt can end, as a record says it.
+CONFIRMATIONS: Final = ("confirmed", "cancelled", "timed out")
 #: The longest detail kept in a record.
 DETAIL_LIMIT: Final = 300
 
@@ -71,6 +73,9 @@ class AuditDraft:
     prefix: str
     #: Wall-clock time the command arrived.
     started_at: float
+    #: How its confirmation prompt was answered (``confirmed``, ``cancelled``, ``timed out``);
+    #: None when it asked for none.
+    confirmation: str | None = None
 
     @classmethod
     def of(
@@ -147,9 +152,12 @@ class AuditDraft:
             return None
         try:
             fields = {name: check(data[name]) for name, check in _DRAFT_FIELDS.items()}
+            # Absent from drafts written before confirmations existed (the restart that
+            # brings this version in was asked for by the previous one).
+            confirmation = _confirmation(data.get("confirmation"))
         except (KeyError, TypeError, ValueError):
             return None
-        return cls(**fields)
+        return cls(**fields, confirmation=confirmation)
 
 
 def _as_name(text: str, limit: int) -> str:
@@ -184,6 +192,12 @@ def _command(value: object) -> str:
     if value not in COMMANDS:
         raise ValueError("not a command of this bot")
     return str(value)
+
+
+def _confirmation(value: object) -> str | None:
+    if value is not None and value not in CONFIRMATIONS:
+        raise ValueError("not an answer to a confirmation prompt")
+    return value if isinstance(value, str) else None
 
 
 def _invocation(value: object) -> str:
@@ -249,6 +263,7 @@ class AuditSink:
             "detail": self.replies.redact(detail.strip())[:DETAIL_LIMIT],
             "duration_s": round(duration, 3),
             "invocation": draft.invocation,
+            "confirmation": draft.confirmation,
         }
         audit_log.info("%s", json.dumps(record, ensure_ascii=False))
         await self._add_to_stream(record)

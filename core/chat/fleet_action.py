@@ -83,7 +83,7 @@ class FleetCommands:
     def _plan(self, config: FleetConfig, request: FleetRequest) -> Action:
         return functools.partial(self.run, config=config, request=request)
 
-    def configure_pull(self, inv: Invocation, typed: str) -> Action | NotConfigured:
+    def configure_pull(self, inv: Invocation, typed: str) -> Plan | NotConfigured:
         """Pull ``typed`` (default ``bot``) on every host."""
         config = self._config(inv)
         if isinstance(config, NotConfigured):
@@ -95,7 +95,9 @@ class FleetCommands:
                 "one name of letters, digits and . _ - (e.g. `bot`)."
             )
         title = f"📡 Fleet pull of {inline_code(name)}"
-        return self._plan(config, FleetRequest("pull", (name,) if typed else (), title))
+        action = self._plan(config, FleetRequest("pull", (name,) if typed else (), title))
+        prompt = f"Pull {inline_code(name)} on every host that runs the control daemon?"
+        return Plan(action, prompt=prompt)
 
     def configure_restart(self, inv: Invocation, typed: str) -> Plan | NotConfigured:
         """Restart the unit ``typed`` on every host that allows it.
@@ -123,7 +125,9 @@ class FleetCommands:
             )
             if own is not None and own == unit
         )
-        return Plan(self._plan(config, FleetRequest("restart", (unit,), title)), also_as=also_as)
+        prompt = f"Restart {inline_code(unit)} on every host that allows it?"
+        action = self._plan(config, FleetRequest("restart", (unit,), title))
+        return Plan(action, also_as=also_as, prompt=prompt)
 
     def configure_status(self, inv: Invocation) -> Action | NotConfigured:
         """Ask every host for its status."""
@@ -225,11 +229,8 @@ class _LiveBoard:
             # edit failed (the message was deleted): the final state goes out as a new message.
             await self.replies.send_live(self.inv.ctx, content)
         if not complete:
-            ctx = self.inv.ctx
-            await self.replies.post(
-                ctx.channel,
+            await self.replies.reply(
+                self.inv.ctx,
                 f"📎 Every host's full answer to {self.inv.shown}",
                 self.board.full_text(),
-                reference=ctx.message,
-                filename=f"{self.inv.command}.txt",
             )

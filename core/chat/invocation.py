@@ -4,9 +4,15 @@
 (who and where, :class:`~core.chat.admission.Admission`) → configured (the command's own
 ``configure``, asked only now, so only someone allowed to run the command learns how it is
 configured) → the role of every command the plan also does (``!fleet_restart`` of the bot's
-unit is a ``!bot_restart`` too) → already running → cooldown (when) → the plan's guard (the
-unit restarted too recently) → the action → the reply → one audit record. A run that did not
-act gives its cooldown back here, so an operator may retry at once.
+unit is a ``!bot_restart`` too) → already running → cooldown (when) → for the commands in
+``OPS_CONFIRM``, the invoker's confirmation (:mod:`core.chat.confirm`; the cooldown is taken
+only once confirmed) → the plan's guard (the unit restarted too recently) → the action → the
+reply → one audit record. A run that did not act gives its cooldown back here, so an operator
+may retry at once.
+
+The same path serves ``!bot_pull`` and ``/bot_pull``: a slash command's refusals are answered
+privately (ephemeral), and once it is admitted Discord is told it is being worked on
+("thinking…", within its 3 s) before the action runs.
 
 ``configure`` turns the settings and arguments into an :data:`Action` (or a :class:`Plan` when
 the action needs more than the command's own checks) that holds everything it needs, already
@@ -22,11 +28,12 @@ still logged and streamed every time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from discord.ext import commands
 
@@ -34,6 +41,10 @@ from core.chat.admission import Admission, Refusal, RefusalStatus
 from core.chat.audit import AuditDraft, AuditSink
 from core.chat.floods import RefusalFloodGate
 from core.chat.replies import Replies, shown
+from core.text import inline_code
+
+if TYPE_CHECKING:
+    from core.chat.confirm import Confirmer
 
 __all__ = [
     "Action",
@@ -55,7 +66,7 @@ log = logging.getLogger("cogs.admin_ops.invocation")
 _LINGERING: set[asyncio.Task[None]] = set()
 
 #: How an invocation ended, as its audit record says it.
-Status = Literal["ok", "skipped", "failed", "error"] | RefusalStatus
+Status = Literal["ok", "skipped", "failed", "error", "cancelled"] | RefusalStatus
 
 
 class Reply(NamedTuple):
@@ -150,10 +161,23 @@ class Plan:
     #: Commands whose role check the invoker must pass too: the action does what they do.
     also_as: tuple[str, ...] = ()
     guard: Guard | None = None
+    #: The question asked first when the command is in ``OPS_CONFIRM`` (default: "Run …?").
+    prompt: str | None = None
 
 
 #: Resolves a command's configuration and arguments; asked only after the role and channel.
 Configure = Callable[[Invocation], Action | Plan | NotConfigured]
+
+
+@dataclass
+class _Run:
+    """One invocation on its way through the pipeline (the invocation gains its answer)."""
+
+    inv: Invocation
+    #: Marked running (admitted): done() when it ends.
+    admitted: bool = False
+    #: Its cooldown was taken: given back if the run did not act.
+    cooldown_taken: bool = False
 
 
 class Pipeline:
@@ -165,15 +189,18 @@ class Pipeline:
         audit: AuditSink,
         replies: Replies,
         floods: RefusalFloodGate | None = None,
+        confirmer: Confirmer | None = None,
     ) -> None:
         """Check with ``admission``, record in ``audit``, answer through ``replies``.
 
-        ``floods`` holds back repeated refusals of people who may not run a command.
+        ``floods`` holds back repeated refusals of people who may not run a command;
+        ``confirmer`` asks before the commands in ``OPS_CONFIRM`` run (none asked without).
         """
         self.admission = admission
         self.audit = audit
         self.replies = replies
         self.floods = floods if floods is not None else RefusalFloodGate()
+        self.confirmer = confirmer
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -227,18 +254,12 @@ class Pipeline:
         self, ctx: commands.Context[Any], command: str, configure: Configure, args: Sequence[str]
     ) -> None:
         started = time.monotonic()
-        inv = Invocation(ctx, command, AuditDraft.of(ctx, command, args, self.replies.redact))
+        run = _Run(Invocation(ctx, command, AuditDraft.of(ctx, command, args, self.replies.redact)))
         # What is recorded if the task is cancelled before an outcome is known.
         outcome = Outcome("error", detail="interrupted")
-        admitted = False
         try:
             try:
-                decided = await self._admit(inv, configure)
-                if isinstance(decided, Refusal):
-                    outcome = Outcome(decided.status, acted=False, reply=Reply(decided.message))
-                else:
-                    admitted = True
-                    outcome = await decided(inv)
+                outcome = await self._run(run, configure)
             # The last line of defence for a bug in an action: whatever it raised, the operator
             # gets an answer, the invocation its record, and the command is free again.
             except Exception as exc:
@@ -247,21 +268,43 @@ class Pipeline:
                     "error",
                     detail=f"{type(exc).__name__}: {exc}",
                     reply=Reply(
-                        f"❌ {inv.shown} failed unexpectedly; the details are in the bot's log."
+                        f"❌ {run.inv.shown} failed unexpectedly; the details are in the bot's log."
                     ),
                 )
             finally:
-                await self._conclude(inv, outcome, admitted, time.monotonic() - started)
+                await self._conclude(run, outcome, time.monotonic() - started)
             if outcome.after is not None:
                 await outcome.after()
         finally:
-            if admitted:
+            if run.admitted:
                 # Still "running" until its last step is done (an exit-mode restart closes the
                 # bot there); only the invocation that took the mark may clear it.
                 self.admission.done(command)
 
-    async def _admit(self, inv: Invocation, configure: Configure) -> Action | Refusal:
-        """The action to run, or why not: who and where, then configured, then when."""
+    async def _run(self, run: _Run, configure: Configure) -> Outcome:
+        """Admit, ask, guard, then act: the outcome of the whole invocation."""
+        decided = await self._admit(run, configure)
+        if isinstance(decided, Refusal):
+            return _refused(decided)
+        if self.asks(run.inv.command):
+            stopped = await self._ask(run, decided)
+            if stopped is not None:
+                return stopped
+        if decided.guard is not None:
+            refusal = await decided.guard(run.inv)
+            if refusal is not None:
+                return _refused(refusal)
+        # A slash command must hear back within 3 s: "thinking…" until the action answers.
+        await self.replies.acknowledge(run.inv.ctx)
+        return await decided.action(run.inv)
+
+    def asks(self, command: str) -> bool:
+        """Whether ``command`` asks for a confirmation before it runs."""
+        return self.confirmer is not None and command in self.admission.settings.confirm
+
+    async def _admit(self, run: _Run, configure: Configure) -> Plan | Refusal:
+        """The plan to run, or why not: who and where, then configured, then when."""
+        inv = run.inv
         ctx, command = inv.ctx, inv.command
         refusal = await self.admission.check(ctx, command)
         if refusal is not None:
@@ -277,17 +320,45 @@ class Pipeline:
                     f"{inv.shown} would do the same here."
                 )
                 return Refusal("refused:role", message)
-        refusal = await self.admission.admit(ctx, command)
-        return _guarded(plan) if refusal is None else refusal
+        # Asked first: the cooldown is taken only once the answer is yes.
+        taking = not self.asks(command)
+        refusal = await self.admission.admit(ctx, command, take_cooldown=taking)
+        if refusal is not None:
+            return refusal
+        run.admitted, run.cooldown_taken = True, taking
+        return plan
 
-    async def _conclude(
-        self, inv: Invocation, outcome: Outcome, admitted: bool, duration: float
-    ) -> None:
-        """Reply, give the cooldown back to a run that did nothing, write the record."""
+    async def _ask(self, run: _Run, plan: Plan) -> Outcome | None:
+        """Ask the invoker first; an outcome when the command must not run after all."""
+        inv, confirmer = run.inv, self.confirmer
+        if confirmer is None:
+            return None
+        question = plan.prompt or f"Run {_typed(inv)}?"
+        answer = await confirmer.ask(inv, question)
+        draft = dataclasses.replace(inv.draft, confirmation=answer.answer)
+        run.inv = inv = dataclasses.replace(inv, draft=draft)
+        if not answer.confirmed:
+            return Outcome("cancelled", acted=False, detail=answer.detail)
+        refusal = await self.admission.take_cooldown(inv.ctx, inv.command)
+        if refusal is not None:
+            return _refused(refusal)
+        run.cooldown_taken = True
+        return None
+
+    async def _conclude(self, run: _Run, outcome: Outcome, duration: float) -> None:
+        """Reply, give the cooldown back to a run that did nothing, write the record.
+
+        A slash command's refusal is only ever seen by its invoker, so it is always answered
+        (an unanswered interaction shows the invoker an error); a prefix command's refusal of
+        someone who may not run it is answered at a bounded rate.
+        """
+        inv = run.inv
         loud = self.floods.loudness(inv.draft.user_id, inv.command, outcome.status)
-        if outcome.reply is not None and loud.reply:
-            await self.replies.reply(inv.ctx, *outcome.reply)
-        if admitted and not outcome.acted:
+        slash = inv.ctx.interaction is not None
+        if outcome.reply is not None and (loud.reply or slash):
+            private = outcome.status.startswith("refused:")
+            await self.replies.reply(inv.ctx, *outcome.reply, private=private)
+        if run.cooldown_taken and not outcome.acted:
             await self.admission.give_back(inv.command)
         if not (outcome.recorded_by_next_process or inv.recorded_by_next_process):
             await self.audit.write(
@@ -295,20 +366,11 @@ class Pipeline:
             )
 
 
-def _guarded(plan: Plan) -> Action:
-    """``plan``'s action, after its guard: admitted, so a refusal is an outcome that did nothing.
+def _refused(refusal: Refusal) -> Outcome:
+    """A refusal as an outcome: nothing acted, the refusal's sentence as the answer."""
+    return Outcome(refusal.status, acted=False, reply=Reply(refusal.message))
 
-    As an outcome it goes the way of every admitted run: the cooldown is given back (nothing
-    acted) and the command is no longer running, whatever the guard did.
-    """
-    guard, action = plan.guard, plan.action
-    if guard is None:
-        return action
 
-    async def run(inv: Invocation) -> Outcome:
-        refusal = await guard(inv)
-        if refusal is not None:
-            return Outcome(refusal.status, acted=False, reply=Reply(refusal.message))
-        return await action(inv)
-
-    return run
+def _typed(inv: Invocation) -> str:
+    """The command as typed, arguments included, as inline code (for a generic question)."""
+    return inline_code(" ".join([f"{inv.ctx.clean_prefix}{inv.command}", *inv.draft.args]))

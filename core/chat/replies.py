@@ -15,7 +15,7 @@ import contextlib
 import io
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import aiohttp
 import discord
@@ -74,25 +74,42 @@ class Replies:
         """
         return redact(clean_text(text), self.secrets)
 
+    def _render(self, headline: str, details: str | None, attach: bool) -> tuple[str, str | None]:
+        """The message text and the attachment's text (None: no attachment), redacted."""
+        shown = self.redact(details) if details else None
+        if attach and shown and shown.strip():
+            return cut(self.redact(headline), MESSAGE_LIMIT), shown.strip() + "\n"
+        return format_reply(self.redact(headline), shown)
+
     async def reply(
         self,
         ctx: commands.Context[Any],
         headline: str,
         details: str | None = None,
         attach: bool = False,
+        *,
+        private: bool = False,
     ) -> discord.Message | None:
         """Answer the command's message; an attachment is named after the command.
 
         ``attach``: the details go in the attachment even when they would fit in the message.
+        A slash command is answered through its interaction, visible to the invoker only when
+        ``private`` (a refusal); a prefix command by a reply in the channel, whatever
+        ``private`` says.
         """
         name = ctx.command.name if ctx.command is not None else "output"
-        return await self.post(
-            ctx.channel,
-            headline,
-            details,
-            reference=ctx.message,
-            filename=f"{name}.txt",
-            attach=attach,
+        if ctx.interaction is None:
+            return await self.post(
+                ctx.channel,
+                headline,
+                details,
+                reference=ctx.message,
+                filename=f"{name}.txt",
+                attach=attach,
+            )
+        content, attachment = self._render(headline, details, attach)
+        return await self._answer(
+            ctx, content, _Attachment(attachment, f"{name}.txt"), private=private
         )
 
     async def post(
@@ -109,15 +126,22 @@ class Replies:
 
         ``attach``: the details go in the attachment whatever their length.
         """
-        shown = self.redact(details) if details else None
-        attachment: str | None
-        if attach and shown and shown.strip():
-            content, attachment = cut(self.redact(headline), MESSAGE_LIMIT), shown.strip() + "\n"
-        else:
-            content, attachment = format_reply(self.redact(headline), shown)
+        content, attachment = self._render(headline, details, attach)
+        return await self._send(channel, content, _Attachment(attachment, filename), reference)
+
+    async def _send(
+        self,
+        channel: discord.abc.Messageable,
+        content: str,
+        attachment: _Attachment | None = None,
+        reference: discord.Message | None = None,
+        view: discord.ui.View | None = None,
+    ) -> discord.Message | None:
         kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS}
-        if attachment is not None:
-            kwargs["file"] = discord.File(io.BytesIO(attachment.encode()), filename=filename)
+        if attachment is not None and attachment.text is not None:
+            kwargs["file"] = attachment.file()
+        if view is not None:
+            kwargs["view"] = view
         if reference is not None:
             # A reply that still goes through if the original message was deleted meanwhile.
             kwargs["reference"] = reference.to_reference(fail_if_not_exists=False)
@@ -128,21 +152,71 @@ class Replies:
             log.warning("cannot send to %s: %s", getattr(channel, "id", channel), exc)
             return None
 
+    async def _answer(
+        self,
+        ctx: commands.Context[Any],
+        content: str,
+        attachment: _Attachment | None = None,
+        *,
+        private: bool = False,
+        view: discord.ui.View | None = None,
+    ) -> discord.Message | None:
+        """Answer a slash command: its response if none was given yet, else a follow-up.
+
+        After a deferral the first follow-up takes the place of Discord's "thinking…" message.
+        An interaction Discord no longer knows (answered too late, or expired after 15
+        minutes) cannot be answered: a public answer goes to the channel instead, a private
+        one is only logged (the channel is not the place for someone's refusal).
+        """
+        interaction = ctx.interaction
+        if interaction is None:
+            return await self._send(ctx.channel, content, attachment, ctx.message, view)
+        kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS, "ephemeral": private}
+        if attachment is not None and attachment.text is not None:
+            kwargs["file"] = attachment.file()
+        if view is not None:
+            kwargs["view"] = view
+        try:
+            if interaction.is_expired():
+                raise _Expired
+            if not interaction.response.is_done():
+                response = await interaction.response.send_message(content, **kwargs)
+                message = response.resource
+                return message if isinstance(message, discord.Message) else None
+            return await interaction.followup.send(content, wait=True, **kwargs)
+        except (_Expired, discord.NotFound) as exc:
+            if isinstance(exc, discord.NotFound) and exc.code not in _GONE:
+                log.warning("cannot answer interaction %s: %s", interaction.id, exc)
+                return None
+            if private:
+                log.info("interaction %s expired: its private answer is not shown", interaction.id)
+                return None
+            return await self._send(ctx.channel, content, attachment, view=view)
+        except (*SEND_ERRORS, discord.InteractionResponded) as exc:
+            log.warning("cannot answer interaction %s: %s", interaction.id, exc)
+            return None
+
+    async def acknowledge(self, ctx: commands.Context[Any]) -> None:
+        """Tell Discord a slash command is being worked on ("thinking…"), within its 3 s.
+
+        Nothing for a prefix command, or a slash command already answered.
+        """
+        interaction = ctx.interaction
+        if interaction is None or interaction.response.is_done() or interaction.is_expired():
+            return
+        try:
+            await interaction.response.defer(thinking=True)
+        except (*SEND_ERRORS, discord.InteractionResponded) as exc:
+            log.info("cannot defer interaction %s: %s", interaction.id, exc)
+
     async def send_live(self, ctx: commands.Context[Any], content: str) -> discord.Message | None:
         """Reply with text rendered for a live message (already within the limit).
 
         Redacted here too, so no caller can forget it.
         """
-        try:
-            return await ctx.channel.send(
-                self.redact(content),
-                allowed_mentions=NO_MENTIONS,
-                reference=ctx.message.to_reference(fail_if_not_exists=False),
-                mention_author=False,
-            )
-        except SEND_ERRORS as exc:
-            log.warning("cannot send to %s: %s", ctx.channel.id, exc)
-            return None
+        if ctx.interaction is not None:
+            return await self._answer(ctx, self.redact(content))
+        return await self._send(ctx.channel, self.redact(content), reference=ctx.message)
 
     async def edit_live(self, message: discord.Message, content: str) -> bool:
         """Edit a live message; False (logged) when Discord refuses."""
@@ -153,12 +227,83 @@ class Replies:
             return False
         return True
 
+    # ------------------------------------------------------------------ prompts and buttons
+
+    async def prompt(
+        self, ctx: commands.Context[Any], content: str, view: discord.ui.View
+    ) -> discord.Message | None:
+        """Ask, visibly in the channel, with ``view``'s buttons under the question."""
+        if ctx.interaction is not None:
+            return await self._answer(ctx, self.redact(content), view=view)
+        return await self._send(ctx.channel, self.redact(content), reference=ctx.message, view=view)
+
+    async def answer_press(self, interaction: discord.Interaction[Any], content: str) -> None:
+        """Answer a button press privately (someone who may not press it)."""
+        try:
+            await interaction.response.send_message(
+                self.redact(content), ephemeral=True, allowed_mentions=NO_MENTIONS
+            )
+        except (*SEND_ERRORS, discord.InteractionResponded) as exc:
+            log.warning("cannot answer button press %s: %s", interaction.id, exc)
+
+    async def update_pressed(
+        self, interaction: discord.Interaction[Any], content: str, view: discord.ui.View
+    ) -> bool:
+        """Edit the message whose button was pressed, as the answer to the press."""
+        try:
+            await interaction.response.edit_message(
+                content=self.redact(content), view=view, allowed_mentions=NO_MENTIONS
+            )
+        except (*SEND_ERRORS, discord.InteractionResponded) as exc:
+            log.warning("cannot update message of button press %s: %s", interaction.id, exc)
+            return False
+        return True
+
+    async def edit_prompt(
+        self, message: discord.Message, content: str, view: discord.ui.View
+    ) -> bool:
+        """Edit a prompt nobody answered (its buttons disabled by ``view``)."""
+        try:
+            await message.edit(
+                content=self.redact(content), view=view, allowed_mentions=NO_MENTIONS
+            )
+        except SEND_ERRORS as exc:
+            log.warning("cannot edit prompt %s: %s", message.id, exc)
+            return False
+        return True
+
     @contextlib.asynccontextmanager
     async def typing(self, ctx: commands.Context[Any]) -> AsyncIterator[None]:
-        """Show "typing…" while the block runs; a failing indicator never fails the command."""
+        """Show "typing…" while the block runs; a failing indicator never fails the command.
+
+        A slash command shows Discord's "thinking…" instead, unless it was answered already.
+        """
+        if ctx.interaction is not None:
+            await self.acknowledge(ctx)
+            yield
+            return
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await stack.enter_async_context(ctx.typing())
             except SEND_ERRORS as exc:
                 log.debug("no typing indicator: %s", exc)
             yield
+
+
+class _Expired(Exception):
+    """The interaction's 15 minutes are over: it can no longer be answered."""
+
+
+#: Discord's codes for an interaction (or its webhook) it no longer knows.
+_GONE: Final = (10062, 10015)
+
+
+class _Attachment(NamedTuple):
+    """The text of a ``.txt`` attachment (None: none) and its name; a fresh file per send."""
+
+    text: str | None
+    filename: str
+
+    def file(self) -> discord.File:
+        """The attachment, ready to send (a file can be sent only once)."""
+        return discord.File(io.BytesIO((self.text or "").encode()), filename=self.filename)

@@ -128,11 +128,13 @@ class SelfRestart:
         """Exit for a supervisor, or ask systemd to restart ``OPS_BOT_SERVICE``."""
         unit = self.settings.bot_service
         guard = self.spacing.guard(unit, own=True)
+        what = inline_code(unit) if unit else "the bot"
+        prompt = f"Restart {what}? This takes the bot offline for a few seconds."
         if self.settings.restart_mode == "exit":
-            return Plan(self.restart_by_exit, guard=guard)
+            return Plan(self.restart_by_exit, guard=guard, prompt=prompt)
         if unit is None:
             return NotConfigured.missing(inv, ["OPS_BOT_SERVICE"])
-        return Plan(lambda inv: self.restart_by_systemd(inv, unit), guard=guard)
+        return Plan(lambda inv: self.restart_by_systemd(inv, unit), guard=guard, prompt=prompt)
 
     async def restart_by_systemd(self, inv: Invocation, unit: str) -> Outcome:
         """Reply, leave the marker with the audit draft, then ask systemd (without waiting).
@@ -144,8 +146,8 @@ class SelfRestart:
         record. A cancellation before the request (during ``OPS_RESTART_DELAY``) asked for
         nothing: the marker goes, and the pipeline records the interruption.
         """
-        await self._announce(inv, inline_code(unit))
-        marker = await self._marker(inv, unit, inv.draft)
+        announced = await self._announce(inv, inline_code(unit))
+        marker = await self._marker(inv, unit, inv.draft, announced)
         await self.markers.save(marker.to_json())
         sent = False
         try:
@@ -181,23 +183,30 @@ class SelfRestart:
     async def restart_by_exit(self, inv: Invocation) -> Outcome:
         """Reply, leave the marker; once the record is written, close the bot and exit."""
         unit = self.settings.bot_service
-        await self._announce(inv, inline_code(unit) if unit else "the bot")
-        marker = await self._marker(inv, unit, None)
+        announced = await self._announce(inv, inline_code(unit) if unit else "the bot")
+        marker = await self._marker(inv, unit, None, announced)
         await self.markers.save(marker.to_json())
         return Outcome("ok", detail=f"exit {RESTART_EXIT_STATUS}", after=self._close_and_exit)
 
-    async def _announce(self, inv: Invocation, what: str) -> None:
+    async def _announce(self, inv: Invocation, what: str) -> discord.Message | None:
         requester = display_name(inv.ctx.author)
-        await self.replies.reply(inv.ctx, f"♻️ Restarting {what} (requested by {requester})…")
+        return await self.replies.reply(inv.ctx, f"♻️ Restarting {what} (requested by {requester})…")
 
     async def _marker(
-        self, inv: Invocation, unit: str | None, audit: AuditDraft | None
+        self,
+        inv: Invocation,
+        unit: str | None,
+        audit: AuditDraft | None,
+        announced: discord.Message | None,
     ) -> RestartMarker:
         ctx = inv.ctx
+        # The notice replies to the command's message; a slash command has none in the
+        # channel (and its interaction expires): it replies to the "Restarting…" answer.
+        answered = ctx.message.id if ctx.interaction is None or announced is None else announced.id
         return RestartMarker(
             guild_id=ctx.guild.id if ctx.guild else None,
             channel_id=ctx.channel.id,
-            message_id=ctx.message.id,
+            message_id=answered,
             requester_id=ctx.author.id,
             requester=str(ctx.author),
             requested_at=time.time(),

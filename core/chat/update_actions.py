@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from discord.ext import commands
 
 from core.chat.extensions import loaded_code
-from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Reply
+from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Plan, Reply
 from core.chat.replies import Replies
 from core.deps import install_requirements
 from core.names import DEFAULT_TARGET
@@ -189,12 +189,13 @@ class UpdateActions:
 
     # ------------------------------------------------------------------ !bot_rollback
 
-    def configure_rollback(self, inv: Invocation, typed: str) -> Action | NotConfigured:
+    def configure_rollback(self, inv: Invocation, typed: str) -> Plan | NotConfigured:
         """Roll back the last recorded pull of the target called ``typed``."""
         target = self._target(inv, typed)
         if isinstance(target, NotConfigured):
             return target
-        return lambda inv: self.rollback(inv, target)
+        prompt = f"Roll {inline_code(target.name)} back to where its last recorded pull found it?"
+        return Plan(lambda inv: self.rollback(inv, target), prompt=prompt)
 
     async def rollback(self, inv: Invocation, target: PullTarget) -> Outcome:
         """Move the checkout back to where its last recorded pull found it."""
