@@ -267,13 +267,14 @@ async def test_a_fetch_waits_for_no_pull_it_skips_while_the_checkout_is_locked(
     git_repos: GitRepos,
 ) -> None:
     git_repos.commit_upstream("incoming")
-    async with locked_checkout(git_repos.clone, holder="a pull of someone else") as held:
+    # A holder is shown in the holder grammar only (spaces and the like become "-").
+    async with locked_checkout(git_repos.clone, holder="a pull of web-1:42") as held:
         assert isinstance(held, HeldCheckout)
         preview = await fetch_preview(git_repos.clone)
 
     assert preview.status == "skipped"
     assert preview.summary == (
-        "Skipped: another process on this host (a pull of someone else) is working in it."
+        "Skipped: another process on this host (a-pull-of-web-1:42) is working in it."
     )
     assert not preview.fetched
 
