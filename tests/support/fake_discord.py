@@ -58,6 +58,10 @@ class InteractionState:
     callback_type: int | None = None
     original_id: int | None = None
     followup_ids: list[int] = field(default_factory=list)
+    #: Discord no longer knows it (answered after 3 s, or 15 minutes old): 10062 / 10015.
+    expired: bool = False
+    #: The deferred ("thinking…") response was replaced by the first follow-up.
+    filled: bool = False
 
 
 def _world(name: str = "ops-guild") -> tuple[p.FakeUser, p.FakeUser, p.FakeGuild, dict[str, Any]]:
@@ -291,6 +295,14 @@ class FakeDiscord:
         """The messages the bot sent in reply to ``message_id``."""
         return [r for r in self.sent() if r.reference_id == message_id and r.status == 200]
 
+    def answers(self, state: InteractionState) -> list[Recorded]:
+        """Every request answering one interaction: its callback, follow-ups and edits."""
+        return [r for r in self.requests if r.params.get("token") == state.token]
+
+    def original(self, state: InteractionState) -> dict[str, Any] | None:
+        """The interaction's original response as stored now (after its edits), if any."""
+        return self.messages.get(state.original_id) if state.original_id else None
+
     def unhandled(self) -> list[Recorded]:
         """Requests to routes the fake does not know (a test usually expects none)."""
         return [r for r in self.requests if r.route == "UNHANDLED"]
@@ -337,18 +349,17 @@ class FakeDiscord:
         """An application command interaction's ``data`` for ``/name`` in the guild.
 
         The ID is the registered command's (its ``PUT``), else a new one, as for a command
-        registered some other way.
+        registered some other way. A guild command's data names its guild; a global one's
+        does not, as from Discord.
         """
         registered = next(
             (c for c in self.commands.get(self.guild.id, []) if c["name"] == name), None
         )
-        return {
-            "id": registered["id"] if registered else str(self.ids()),
-            "name": name,
-            "type": 1,
-            "guild_id": str(self.guild.id),
-            "options": options,
-        }
+        data: dict[str, Any] = {"name": name, "type": 1, "options": options}
+        if registered is not None:
+            return {**data, "id": registered["id"], "guild_id": str(self.guild.id)}
+        known = next((c for c in self.commands.get(None, []) if c["name"] == name), None)
+        return {**data, "id": known["id"] if known else str(self.ids())}
 
     async def invoke(
         self,
@@ -357,13 +368,18 @@ class FakeDiscord:
         by: p.FakeMember,
         options: list[dict[str, Any]] | None = None,
         channel: p.FakeChannel | None = None,
+        expired: bool = False,
     ) -> InteractionState:
         """``by`` runs the slash command ``name`` (INTERACTION_CREATE, type 2).
 
         ``options`` as Discord sends them: ``{"name": ..., "type": 3, "value": ...}``.
+        ``expired``: Discord forgets the interaction at once, as when the bot answers it after
+        its 3 s (the callback answers 10062, its webhook 10015).
         """
         data = self.command_data(name, options or [])
-        return await self.interact(p.APPLICATION_COMMAND, data, by=by, channel=channel)
+        return await self.interact(
+            p.APPLICATION_COMMAND, data, by=by, channel=channel, expired=expired
+        )
 
     async def autocomplete(
         self, name: str, option: str, typed: str, *, by: p.FakeMember
@@ -392,6 +408,7 @@ class FakeDiscord:
         by: p.FakeMember,
         channel: p.FakeChannel | None = None,
         message: dict[str, Any] | None = None,
+        expired: bool = False,
     ) -> InteractionState:
         """Dispatch an INTERACTION_CREATE of type ``kind`` with ``data`` (any interaction)."""
         channel = channel or self.channel
@@ -400,6 +417,7 @@ class FakeDiscord:
             token=f"interaction-{secrets.token_urlsafe(24)}",
             channel_id=channel.id,
             message_id=int(message["id"]) if message else None,
+            expired=expired,
         )
         self.interactions[state.token] = state
         payload = p.interaction(
@@ -415,6 +433,14 @@ class FakeDiscord:
         )
         await self._current().dispatch("INTERACTION_CREATE", payload)
         return state
+
+    async def update_member(self, member: p.FakeMember, *role_ids: int) -> p.FakeMember:
+        """Give ``member`` exactly ``role_ids`` (GUILD_MEMBER_UPDATE); the updated member."""
+        updated = p.FakeMember(member.user, tuple(role_ids))
+        self.guild.members = [updated if m.id == member.id else m for m in self.guild.members]
+        payload = {**updated.payload(), "guild_id": str(self.guild.id)}
+        await self._current().dispatch("GUILD_MEMBER_UPDATE", payload)
+        return updated
 
     async def reconnect(self) -> None:
         """Ask the bot to reconnect (op 7), as Discord does when it moves a session."""
@@ -561,7 +587,11 @@ class FakeDiscord:
         return self._new_message(int(record.params["channel_id"]), record.body, record.files)
 
     async def _get_message(self, record: Recorded) -> Any:
-        return self._stored(record.params["message_id"], record.params["channel_id"])
+        message = self._stored(record.params["message_id"], record.params["channel_id"])
+        if int(message.get("flags") or 0) & p.EPHEMERAL:
+            # Only its interaction's webhook can read an ephemeral message.
+            raise DiscordError(404, "Unknown Message", 10008)
+        return message
 
     async def _edit_message(self, record: Recorded) -> Any:
         message = self._stored(record.params["message_id"], record.params["channel_id"])
@@ -578,6 +608,10 @@ class FakeDiscord:
         state = self.interactions.get(record.params["token"])
         application = record.params.get("application_id")
         if state is None or (application is not None and int(application) != self.application_id):
+            raise DiscordError(404, "Unknown Webhook", 10015)
+        if state.expired:
+            if "interaction_id" in record.params:
+                raise DiscordError(404, "Unknown interaction", 10062)
             raise DiscordError(404, "Unknown Webhook", 10015)
         if "interaction_id" in record.params and int(record.params["interaction_id"]) != state.id:
             raise DiscordError(404, "Unknown interaction", 10062)
@@ -623,6 +657,13 @@ class FakeDiscord:
         state = self._interaction(record)
         if state.callback_type is None:
             raise DiscordError(404, "Unknown Webhook", 10015)  # a follow-up needs a response first
+        if state.callback_type == DEFERRED_CHANNEL_MESSAGE and not state.filled:
+            # As Discord does: the first follow-up after "thinking…" becomes that message,
+            # visible to whom the deferral said (its ephemeral flag wins).
+            state.filled = True
+            original = self._stored(state.original_id or 0)
+            body = {k: v for k, v in record.body.items() if k != "flags"}
+            return self._edit(original, body, record.files)
         message = self._new_message(state.channel_id, record.body, record.files)
         state.followup_ids.append(int(message["id"]))
         return message

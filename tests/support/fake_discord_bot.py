@@ -2,8 +2,8 @@
 
 The bot is unmodified: the test-only ``sitecustomize`` in ``fake_discord_site/`` (on the child's
 ``PYTHONPATH``) points discord.py's own base URLs at the fake. Waits are event-driven (the fake
-wakes its waiters on every request and gateway message, and when the process ends) and bounded;
-a process is only ever signalled by its own PID.
+wakes its waiters on every request and gateway message, on every chunk of the process's output,
+and when the process ends) and bounded; a process is only ever signalled by its own PID.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ GATEWAY_VARIABLE = "ADMIN_OPS_TEST_DISCORD_GATEWAY"
 #: A log line of the cog's audit logger in discord.py's log format (colours removed first).
 AUDIT_LINE = re.compile(r"cogs\.admin_ops\.audit:? (\{.*\})$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: How much of the bot's output is read at a time.
+OUTPUT_CHUNK = 1 << 16
 #: What a test's bot gets from the test's own environment (an isolated HOME and git config).
 PASSED_THROUGH = ("PATH", "HOME", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_NOSYSTEM", "LANG", "LC_ALL")
 
@@ -92,6 +94,40 @@ class BotProcess:
         found = (AUDIT_LINE.search(ANSI.sub("", line)) for line in self.output().splitlines())
         return [json.loads(match.group(1)) for match in found if match]
 
+    async def wait_audit(self, count: int, *, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Its first ``count`` audit records, once it has logged them.
+
+        A record is written just after the reply it follows: a test that saw the reply waits
+        for the record here rather than hoping it is already there.
+        """
+        records = await self.until(
+            lambda: (found := self.audit_records())[count - 1 :] and found,
+            timeout=timeout,
+            what=f"{count} audit record(s)",
+        )
+        return records[:count]
+
+    async def wait_logged(self, pattern: str, *, timeout: float = 20.0) -> str:
+        """The first line of its output matching the regular expression ``pattern``."""
+        wanted = re.compile(pattern)
+
+        def line() -> str | None:
+            plain = (ANSI.sub("", text) for text in self.output().splitlines())
+            return next((text for text in plain if wanted.search(text)), None)
+
+        return await self.until(line, timeout=timeout, what=f"a log line matching {pattern!r}")
+
+    async def wait_synced(self, *, timeout: float = 20.0) -> str:
+        """The cog's start-up sync of its slash commands, once over (synced, or unchanged).
+
+        Before it, Discord does not know the commands yet (an invocation would name none the
+        bot has in its tree for the guild); the line is logged once the hash of what was synced
+        is kept in the state dir.
+        """
+        return await self.wait_logged(
+            r"slash commands (synced in server|unchanged in \d+ server)", timeout=timeout
+        )
+
     def _alive(self) -> None:
         """Raise when the process has ended (:meth:`until` adds its output)."""
         if self.process.returncode is not None:
@@ -138,10 +174,16 @@ class BotProcess:
         )
 
     async def wait_exit(self, *, timeout: float = 20.0) -> int:
-        """Its exit status, once it has ended by itself (fails after ``timeout``)."""
+        """Its exit status, once it has ended by itself (fails after ``timeout``).
+
+        Its output is all in :meth:`output` by then (what was left in the pipe is read).
+        """
         try:
             async with asyncio.timeout(timeout):
-                return await self.process.wait()
+                status = await self.process.wait()
+                if self._watcher is not None:
+                    await asyncio.shield(self._watcher)
+                return status
         except TimeoutError:
             raise AssertionError(
                 f"bot.py (pid {self.pid}) still running after {timeout:g} s:\n"
@@ -177,19 +219,26 @@ async def start_bot(
     own, so a terminal's Ctrl-C reaches only the test runner.
     """
     argv = argv or [sys.executable, str(ROOT / "bot.py")]
-    with open(log_path, "ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=ROOT,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=ROOT,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     bot = BotProcess(process=process, fake=fake, log_path=log_path)
 
     async def watch() -> None:
+        # Through a pipe rather than straight into the file: each chunk wakes the waiters, so
+        # a test waits for a log line (an audit record) as it waits for a request.
+        assert process.stdout is not None
+        with open(log_path, "ab") as log:
+            while chunk := await process.stdout.read(OUTPUT_CHUNK):
+                log.write(chunk)
+                log.flush()
+                await fake.poke()
         await process.wait()
         await fake.poke()  # waiters on the fake learn at once that the bot is gone
 
