@@ -241,7 +241,7 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
     lib = srv / "admin-ops-test-lib"
     (lib / "core").mkdir(parents=True)
     shutil.copy(PROBE, lib / PROBE.name)
-    for name in ("__init__.py", "ops_exec.py", "hardening.py"):
+    for name in ("__init__.py", "ops_exec.py", "hardening.py", "journal.py"):
         shutil.copy(ROOT / "core" / name, lib / "core" / name)
     for path in (lib, lib / "core"):
         path.chmod(0o755)

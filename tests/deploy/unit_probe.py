@@ -19,6 +19,8 @@ line per event, ``O_APPEND`` so concurrent writers do not interleave) and signal
   stays up (``Type=notify``) so the test can look at the running process.
 - ``started-ago OUT UNIT...``: ``unit_started_ago`` of each unit, as JSON in ``OUT/started.json``.
 - ``pull OUT CHECKOUT``: ``pull_checkout(CHECKOUT)`` as JSON in ``OUT/pull.json``.
+- ``journal OUT UNIT...``: what ``!ops_logs <unit>`` reads of each unit (``core.journal``'s command
+  line and ``read_journal``'s result, 50 lines), as JSON in ``OUT/journal.json``.
 """
 
 from __future__ import annotations
@@ -239,6 +241,20 @@ def pull(out: Path, checkout: str) -> None:
     record(out, "pulled")
 
 
+def journal(out: Path, units: list[str]) -> None:
+    from core.journal import journal_argv, read_journal
+
+    async def read_all() -> dict[str, Any]:
+        return {
+            unit: {"argv": journal_argv(unit, 50), **(await read_journal(unit, 50))._asdict()}
+            for unit in units
+        }
+
+    facts = {"uid": os.getuid(), "read": asyncio.run(read_all())}
+    (out / "journal.json").write_text(json.dumps(facts))
+    record(out, "journal")
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[0], Path(argv[1])
     if mode == "selfrestart":
@@ -255,6 +271,8 @@ def main(argv: list[str]) -> None:
         started_ago(out, argv[2:])
     elif mode == "pull":
         pull(out, argv[2])
+    elif mode == "journal":
+        journal(out, argv[2:])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
