@@ -17,8 +17,9 @@ import pytest
 
 from core import ops_exec
 from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL
+from core.journal import journal_argv
 from core.settings import DEFAULT_COOLDOWNS
-from tests.deploy.deploy_support import DEPLOY, ROOT, SHIPPED_UNITS
+from tests.deploy.deploy_support import DEPLOY, ROOT, SHIPPED_UNITS, readme_block
 from tests.deploy.systemd_harness import CONTROL_USER, SERVICE_USER, SHARED_GROUP
 
 SYSTEMCTL = "/usr/bin/systemctl"
@@ -344,3 +345,66 @@ def test_env_examples_name_only_settings_the_code_reads() -> None:
         assert names, example
         unknown = [name for name in names if f'"{name}"' not in sources]
         assert unknown == [], f"{example} names settings no code reads: {unknown}"
+
+
+# --- the journal namespace that !ops_logs reads -----------------------------------------------
+
+JOURNAL_NAMESPACE = "admin-ops"
+JOURNAL_DIRECTORY = f"/var/log/journal/%m.{JOURNAL_NAMESPACE}"
+
+
+def tmpfiles_rows() -> list[list[str]]:
+    """The lines of deploy/tmpfiles.d/admin-ops-journal.conf, split into their fields."""
+    text = (DEPLOY / "tmpfiles.d" / "admin-ops-journal.conf").read_text()
+    return [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_the_journal_dropin_sets_the_namespace_and_nothing_else() -> None:
+    text = (DEPLOY / "admin-ops-journal.conf").read_text()
+    settings = [line for line in text.splitlines() if line.strip() and line[0] not in "#;"]
+    assert settings == ["[Service]", f"LogNamespace={JOURNAL_NAMESPACE}"]
+    assert "/etc/systemd/system/<unit>.d/admin-ops-journal.conf" in text
+
+
+def test_tmpfiles_lets_only_the_bots_user_read_only_the_namespace() -> None:
+    user = unit_settings("admin-ops-bot.service")["User"][0]
+    rows = tmpfiles_rows()
+    assert [row[:2] for row in rows] == [
+        ["d", JOURNAL_DIRECTORY],
+        ["a+", JOURNAL_DIRECTORY],
+        ["a+", f"{JOURNAL_DIRECTORY}/*.journal*"],
+    ]
+    # Created as journald's own LogsDirectory= would be: journald keeps its files root's.
+    assert rows[0][2:] == ["2755", "root", "systemd-journal", "-"]
+    granted = {}
+    for row in rows[1:]:
+        assert row[2:6] == ["-"] * 4, row
+        for entry in row[6].split(","):
+            *default, tag, name, permissions = entry.split(":")
+            assert (default, tag, name) in (([], "user", user), (["default"], "user", user)), entry
+            granted[(row[1].endswith("*"), bool(default))] = permissions
+    # Read (and, for the directory itself, list); never write.
+    assert granted == {(False, False): "r-x", (False, True): "r--", (True, False): "r--"}
+
+
+def test_the_example_bot_env_reads_the_namespace_with_the_command_line_of_ops_logs() -> None:
+    argv = journal_argv("proxy.service", 50, environ=env_example("admin-ops.env.example"))
+
+    assert argv == [
+        "journalctl", f"--namespace={JOURNAL_NAMESPACE}", "-u", "proxy.service",
+        "-n", "50", "--no-pager", "-o", "short-iso",
+    ]  # fmt: skip
+
+
+def test_readme_installs_the_journal_files_where_their_headers_say() -> None:
+    block = readme_block("admin-ops-journal.conf")
+    app = "/srv/admin-ops/app/deploy"
+    tmpfiles = "/etc/tmpfiles.d/admin-ops-journal.conf"
+    assert f"install -m 0644 {app}/tmpfiles.d/admin-ops-journal.conf /etc/tmpfiles.d/\n" in block
+    assert f"systemd-tmpfiles --create {tmpfiles}\n" in block
+    assert "for unit in admin-ops-bot.service " in block
+    dropin = f"install -m 0644 {app}/admin-ops-journal.conf /etc/systemd/system/$unit.d/\n"
+    assert dropin in block
+    assert tmpfiles in (DEPLOY / "tmpfiles.d" / "admin-ops-journal.conf").read_text()
+    setting = f"OPS_JOURNALCTL={env_example('admin-ops.env.example')['OPS_JOURNALCTL']}"
+    assert f"`{setting}`" in (DEPLOY / "README.md").read_text()
