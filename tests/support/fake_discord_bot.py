@@ -212,16 +212,17 @@ async def start_bot(
     log_path: Path,
     *,
     argv: Sequence[str] | None = None,
+    cwd: Path = ROOT,
 ) -> BotProcess:
     """Start ``python bot.py`` (this interpreter, the checkout's ``bot.py``) with exactly ``env``.
 
-    ``argv`` runs another program instead (another bot against the same fake). A session of its
-    own, so a terminal's Ctrl-C reaches only the test runner.
+    ``argv`` runs another program instead (another bot against the same fake), in ``cwd``. A
+    session of its own, so a terminal's Ctrl-C reaches only the test runner.
     """
     argv = argv or [sys.executable, str(ROOT / "bot.py")]
     process = await asyncio.create_subprocess_exec(
         *argv,
-        cwd=ROOT,
+        cwd=cwd,
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
