@@ -10,6 +10,7 @@ distribution's own journald units run in the session's private systemd (the defa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ pytestmark = pytest.mark.systemd
 NAMESPACE = "admin-ops"
 DROPIN = DEPLOY / "admin-ops-journal.conf"
 TMPFILES = DEPLOY / "tmpfiles.d" / "admin-ops-journal.conf"
-#: What the bot's settings say (deploy/admin-ops.env.example, copied into bot.env).
-BOT_ENV = {"OPS_JOURNALCTL": f"journalctl --namespace={NAMESPACE}"}
+#: The journalctl program of the bot's settings (deploy/admin-ops.env.example, copied into bot.env).
+_SETTING = re.search(r"^OPS_JOURNALCTL=(.*)$", (DEPLOY / "admin-ops.env.example").read_text(), re.M)
+BOT_ENV = {"OPS_JOURNALCTL": _SETTING[1] if _SETTING else ""}
 SYSTEM_UNITS = Path("/lib/systemd/system")
 #: systemd's own units for journald: the default namespace and the template of the others.
 JOURNALD_UNITS = (
@@ -91,8 +93,8 @@ class Journal:
 
     def sync(self) -> None:
         """Until journald has written everything it was sent, in both namespaces."""
-        for namespace in ("", f"--namespace={NAMESPACE}"):
-            self.systemd.run("journalctl", *filter(None, [namespace]), "--sync", check=True)
+        for namespace in ((), (f"--namespace={NAMESPACE}",)):
+            self.systemd.run("journalctl", *namespace, "--sync", check=True)
 
     def as_root(self, *args: str) -> str:
         return self.systemd.run("journalctl", "--no-pager", *args, check=True).stdout
