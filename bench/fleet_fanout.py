@@ -226,7 +226,7 @@ async def floor_round(
     command_id = uuid.uuid4().hex
     entry: dict[Any, Any] = {"id": command_id}
     if mode == WIRE:
-        entry = dict(build_command("ping", [], requested_by="bench", secret=SECRET))
+        entry = dict(build_command("ping", [], requested_by="bench", secret=SECRET, prefix=prefix))
         command_id = entry["id"]
     acks = _ack_key(prefix, mode, command_id)
     started = time.perf_counter()

@@ -235,7 +235,8 @@ async def signed_ghost(client: aioredis.Redis, prefix: str, name: str = GHOST) -
         "pull_targets": "[]",
         "restart_units": "[]",
     }
-    await client.set(heartbeat_key(name, prefix), heartbeat_value(fields, SECRET), px=60_000)
+    value = heartbeat_value(fields, SECRET, prefix)
+    await client.set(heartbeat_key(name, prefix), value, px=60_000)
     await client.sadd(hosts_index_key(prefix), name)
 
 

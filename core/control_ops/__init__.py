@@ -7,7 +7,8 @@ per-command result stream, so the caller can show results live as they arrive.
 The wire format is a contract other tools may publish against: ``docs/fleet-protocol.md``.
 The package, one job per module:
 
-- :mod:`~core.control_ops.wire`: keys, signing (commands, answers, heartbeats), the limits;
+- :mod:`~core.control_ops.wire`: keys, signing (commands, answers, heartbeats), the limits,
+  with :mod:`~core.control_ops.signing` (canonical JSON, HMAC) and :mod:`~core.control_ops.streams`;
 - :mod:`~core.control_ops.publisher`: ``publish`` and ``alive_hosts``;
 - :mod:`~core.control_ops.collect`: bounded, verified reading of a command's answers;
 - :mod:`~core.control_ops.daemon`: ``ControlDaemon``, serving one identity, with

@@ -25,6 +25,7 @@ from core.control_ops.wire import (
 
 __all__ = [
     "FINISH_LUA",
+    "MARKER_READ_BYTES",
     "STARTED_PREFIX",
     "Claim",
     "Finish",
@@ -33,27 +34,31 @@ __all__ = [
     "marker_ttl_ms",
 ]
 
+#: The most bytes of a ran marker anyone reads: "started:" and a 32-digit token, or "done".
+MARKER_READ_BYTES: Final = 64
+
 # Write one host's result, then acknowledge the command: one script, so a command is never
 # acknowledged without its result, and a failure to write leaves it pending.
 # KEYS: results stream, ran marker, command stream.
 # ARGV: identity (the group, and the result's host), entry id, marker mode, marker ttl (ms),
-# then the result's ok, ran, summary, duration and signature (field names are spelt here:
-# fewer arguments to encode on every answer).
+# then the result's ok, ran, summary, duration, command signature and signature (field names
+# are spelt here: fewer arguments to encode on every answer).
 # Marker modes: "claim" takes the marker now (SET NX) and writes nothing if it was taken, for
 # ops whose answer is computed without side effects; "done" finishes a marker taken before the
 # op ran; "none" leaves it alone (a forged command must not be able to burn a real id).
-# Returns {1} when written, or {0, marker value} when the claim lost.
+# Returns {1} when written, or {0, marker value} when the claim lost. The marker is read with
+# GETRANGE: anyone can plant a value of any size there, and only its first bytes mean anything.
 FINISH_LUA: Final = f"""
 local mode = ARGV[3]
 if mode == 'claim' then
   if not redis.call('SET', KEYS[2], 'done', 'NX', 'PX', ARGV[4]) then
-    return {{0, redis.call('GET', KEYS[2]) or ''}}
+    return {{0, redis.call('GETRANGE', KEYS[2], 0, {MARKER_READ_BYTES - 1})}}
   end
 elseif mode == 'done' then
   redis.call('SET', KEYS[2], 'done', 'XX', 'KEEPTTL')
 end
 redis.call('XADD', KEYS[1], '*', 'host', ARGV[1], 'ok', ARGV[5], 'ran', ARGV[6],
-  'summary', ARGV[7], 'duration', ARGV[8], 'sig', ARGV[9])
+  'summary', ARGV[7], 'duration', ARGV[8], 'command_sig', ARGV[9], 'sig', ARGV[10])
 redis.call('EXPIRE', KEYS[1], {RESULT_TTL_SECONDS})
 redis.pcall('XACK', KEYS[3], ARGV[1], ARGV[2])
 return {{1}}
@@ -95,7 +100,8 @@ class Marker(enum.Enum):
 class Finish(NamedTuple):
     """A result to write (kept in memory across a Redis outage until it is written).
 
-    ``after`` runs once the answer is written.
+    ``command_sig`` is the signature of the entry answered, if it verified (else empty): the
+    answer belongs to that exact command. ``after`` runs once the answer is written.
     """
 
     entry_id: str
@@ -104,6 +110,7 @@ class Finish(NamedTuple):
     marker: Marker
     marker_ttl_ms: int
     after: Callable[[], Awaitable[None]] | None = None
+    command_sig: str = ""
 
 
 def marker_ttl_ms(command: SignedCommand) -> int:

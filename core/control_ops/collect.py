@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.control_ops.wire import (
+    DEFAULT_PREFIX,
     RESULT_ENTRY_LIMIT,
     RESULT_FIELDS,
     HostResult,
@@ -268,14 +269,22 @@ class Collector:
         key: str,
         expected: frozenset[str],
         secret: str,
+        command_sig: str,
+        prefix: str = DEFAULT_PREFIX,
         on_result: Callable[[HostResult], Any] | None = None,
     ) -> None:
-        """Nothing is read until :meth:`run`."""
+        """Nothing is read until :meth:`run`.
+
+        ``command_sig`` is the ``sig`` of the command entry published: only an answer to that
+        entry counts. ``prefix`` is the fleet's key prefix (the answers' signatures cover it).
+        """
         self._redis = redis
         self._command_id = command_id
         self._key = key
         self._expected = expected
         self._secret = secret
+        self._command_sig = command_sig
+        self._prefix = prefix
         self._on_result = on_result
         self._script = redis.register_script(_READ_LUA)
         self._last = "0"
@@ -391,7 +400,14 @@ class Collector:
             ignore("not expected" if IDENTITY.fullmatch(host) else "bad host name", host)
             return
         try:
-            result = verify_result(fields, self._command_id, self._secret, host_checked=True)
+            result = verify_result(
+                fields,
+                self._command_id,
+                self._secret,
+                command_sig=self._command_sig,
+                prefix=self._prefix,
+                host_checked=True,
+            )
         except Untrusted as exc:
             ignore(str(exc), host)
             return

@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from core.control_ops.claims import (
     FINISH_LUA,
+    MARKER_READ_BYTES,
     STARTED_PREFIX,
     Claim,
     Finish,
@@ -354,8 +355,10 @@ class ControlDaemon:
                 raise CommandRejected(
                     f"rejected: malformed command (larger than {COMMAND_ENTRY_LIMIT} bytes)"
                 )
-            command = verify_signature(fields, self._secret)
+            command = verify_signature(fields, self._secret, self._keys.prefix)
         except CommandRejected as exc:
+            # Answered, but bound to no command (no verified signature): a forged entry that
+            # reuses a real command's id must not answer for it.
             self._log_rejection(command_id, fields, str(exc))
             result = self._result(Outcome(False, False, str(exc)), started)
             await self._finish(Finish(entry_id, command_id, result, Marker.NONE, 0))
@@ -368,7 +371,8 @@ class ControlDaemon:
             outcome = await self._execute(command)
         if outcome is not None:
             result = self._result(outcome, started)
-            await self._finish(Finish(entry_id, command_id, result, Marker.CLAIM, ttl_ms))
+            finish = Finish(entry_id, command_id, result, Marker.CLAIM, ttl_ms)
+            await self._finish(finish._replace(command_sig=command.sig))
             return
         await self._run_once(entry_id, command, ttl_ms, started)
 
@@ -387,18 +391,20 @@ class ControlDaemon:
             recorded = await self._record_start(command)
             if isinstance(recorded, Outcome):
                 result = self._result(recorded, started)
-                await self._finish(Finish(entry_id, command.id, result, Marker.DONE, ttl_ms))
+                finish = Finish(entry_id, command.id, result, Marker.DONE, ttl_ms)
+                await self._finish(finish._replace(command_sig=command.sig))
                 return
             claim = recorded
         if claim is not Claim.NEW:
-            await self._answer_again(entry_id, command.id, claim, started)
+            await self._answer_again(entry_id, command, claim, started)
             return
         outcome = await self._execute(command)
         # Done before the answer is written: a copy read after the answer (even by the next
         # process, should this one stop right after answering) is "already handled".
         await self._record_done(command)
         result = self._result(outcome, started)
-        await self._finish(Finish(entry_id, command.id, result, Marker.DONE, ttl_ms, outcome.after))
+        finish = Finish(entry_id, command.id, result, Marker.DONE, ttl_ms, outcome.after)
+        await self._finish(finish._replace(command_sig=command.sig))
 
     async def _record_start(self, command: SignedCommand) -> Claim | Outcome:
         """Record the command in the ledger before it runs; its earlier state if it has one.
@@ -453,20 +459,23 @@ class ControlDaemon:
         key = self._keys.ran_marker(self.identity, command.id)
         if await self._call(self._redis.set(key, self._token, nx=True, px=ttl_ms)):
             return Claim.NEW
-        value = as_text(await self._call(self._redis.get(key)))
+        # A bounded read: anyone can plant a value of any size at the marker's key.
+        value = as_text(await self._call(self._redis.getrange(key, 0, MARKER_READ_BYTES - 1)))
         if value == self._token:
             return Claim.NEW  # our own SET reached Redis but its reply was lost before a reconnect
         return Claim.of_marker(value)
 
     async def _answer_again(
-        self, entry_id: str, command_id: str, claim: Claim, started: float
+        self, entry_id: str, command: SignedCommand | Finish, claim: Claim, started: float
     ) -> None:
         """Answer a command id this host already started or answered, without running it."""
         interrupted = claim is Claim.STARTED
         summary = INTERRUPTED if interrupted else ALREADY_HANDLED
+        command_id = command.id if isinstance(command, SignedCommand) else command.command_id
+        sig = command.sig if isinstance(command, SignedCommand) else command.command_sig
         log.warning("command %s delivered again: %s", command_id, summary)
         result = self._result(Outcome(False, interrupted, summary), started)
-        await self._finish(Finish(entry_id, command_id, result, Marker.DONE, 0))
+        await self._finish(Finish(entry_id, command_id, result, Marker.DONE, 0, command_sig=sig))
 
     async def _execute(self, command: SignedCommand) -> Outcome:
         log.info(
@@ -507,7 +516,7 @@ class ControlDaemon:
         if lost_to is not None:
             # The claim lost: this id was started or answered here before (a replayed entry,
             # or our own earlier attempt whose reply was lost).
-            await self._answer_again(finish.entry_id, finish.command_id, lost_to, time.monotonic())
+            await self._answer_again(finish.entry_id, finish, lost_to, time.monotonic())
             return
         if finish.after is not None:
             await finish.after()
@@ -528,9 +537,16 @@ class ControlDaemon:
             self._stream,
         ]
         # The group is named after the identity, which is also the result's host.
-        fields = result_fields(finish.result, command_id=finish.command_id, secret=self._secret)
+        fields = result_fields(
+            finish.result,
+            command_id=finish.command_id,
+            secret=self._secret,
+            command_sig=finish.command_sig,
+            prefix=self._keys.prefix,
+        )
         args = [self._group, finish.entry_id, finish.marker.value, str(finish.marker_ttl_ms)]
-        args += [fields[name] for name in ("ok", "ran", "summary", "duration", "sig")]
+        args += [fields[name] for name in ("ok", "ran", "summary", "duration", "command_sig")]
+        args.append(fields["sig"])
         reply = await self._call(self._finish_script(keys=keys, args=args))
         if int(reply[0]) == 1:
             return None

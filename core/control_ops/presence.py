@@ -127,7 +127,7 @@ class Presence:
         # loop notices, and a publisher that sees the heartbeat relies on the group existing.
         self._create_group(pipe)
         fields = {**self._description(), "sent_at": repr(time.time())}
-        value = heartbeat_value(fields, self._secret)
+        value = heartbeat_value(fields, self._secret, self._keys.prefix)
         pipe.set(self._keys.heartbeat(self.identity), value, px=int(self._ttl * 1000))
         pipe.sadd(self._keys.hosts_index, self.identity)
         replies = await bounded(pipe.execute(raise_on_error=False), self._call_timeout)

@@ -116,19 +116,20 @@ class _Verified:
 
     A daemon writes a new value every few seconds; a publisher that publishes again meanwhile
     (a chat command, then another) finds it here and only checks that it is still fresh. Keyed
-    by the secret, the identity and the exact value; bounded, the oldest forgotten first.
+    by the secret, the key prefix, the identity and the exact value (a heartbeat believed in one
+    fleet is not believed in another); bounded, the oldest forgotten first.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._sent: dict[tuple[str, str, Any], float] = {}
+        self._sent: dict[tuple[str, str, str, Any], float] = {}
 
-    def sent_at(self, secret: str, identity: str, value: Any, now: float) -> float:
-        """When the heartbeat was sent, if it is signed and its own; raise Untrusted if not."""
-        key = (secret, identity, value)
+    def sent_at(self, secret: str, prefix: str, identity: str, value: Any, now: float) -> float:
+        """When the heartbeat was sent, if signed, its own and this fleet's; else Untrusted."""
+        key = (secret, prefix, identity, value)
         sent = self._sent.get(key)
         if sent is None:
-            fields = verify_heartbeat(identity, value, secret, now=now)
+            fields = verify_heartbeat(identity, value, secret, now=now, prefix=prefix)
             sent = self._sent[key] = float(fields["sent_at"])
             while len(self._sent) > self._size:
                 del self._sent[next(iter(self._sent))]
@@ -139,8 +140,10 @@ class _Verified:
 _VERIFIED: Final = _Verified(2 * MAX_FLEET_HOSTS)
 
 
-async def _believed(reply: Sequence[Any], secret: str, ignored: Counter[str]) -> frozenset[str]:
-    """The hosts whose heartbeat in ``reply`` verifies and is fresh; the rest counted."""
+async def _believed(
+    reply: Sequence[Any], secret: str, prefix: str, ignored: Counter[str]
+) -> frozenset[str]:
+    """The hosts whose heartbeat in ``reply`` verifies (for ``prefix``) and is fresh."""
     in_index = int(reply[0])
     if in_index > MAX_FLEET_HOSTS:
         UNTRUSTED_LOG.warning(
@@ -155,7 +158,7 @@ async def _believed(reply: Sequence[Any], secret: str, ignored: Counter[str]) ->
             await asyncio.sleep(0)  # a thousand checks must not hold the event loop
         identity = as_text(reply[i])
         try:
-            _VERIFIED.sent_at(secret, identity, reply[i + 1], now)
+            _VERIFIED.sent_at(secret, prefix, identity, reply[i + 1], now)
         except Untrusted as exc:
             reason = "bad host name" if not IDENTITY.fullmatch(identity) else str(exc)
             ignored[f"heartbeat: {reason}"] += 1
@@ -177,7 +180,7 @@ async def alive_hosts(
     if secret is None:
         names = (as_text(reply[i]) for i in range(1, len(reply) - 1, 2))
         return frozenset(name for name in names if IDENTITY.fullmatch(name))
-    return await _believed(reply, secret, Counter())
+    return await _believed(reply, secret, prefix, Counter())
 
 
 async def _append(
@@ -216,6 +219,17 @@ async def _append(
     return reply[:-1], int(confirmed) >= 1
 
 
+def _log_ignored(command_id: str, ignored: Counter[str]) -> None:
+    """One line for all the heartbeats and answers not believed for a command, by reason."""
+    if ignored:
+        log.warning(
+            "command %s: ignored %d untrusted heartbeat(s) and answer(s): %s",
+            command_id,
+            sum(ignored.values()),
+            ", ".join(f"{reason} {count}" for reason, count in sorted(ignored.items())),
+        )
+
+
 async def publish(
     redis: aioredis.Redis,
     op: str,
@@ -237,12 +251,14 @@ async def publish(
     its answer arrives; ``on_published`` once, with the hosts expected to answer, before that.
     """
     started = time.monotonic()
-    fields = build_command(op, args, requested_by=requested_by, secret=secret, ttl=ttl)
+    fields = build_command(
+        op, args, requested_by=requested_by, secret=secret, ttl=ttl, prefix=prefix
+    )
     command_id = fields["id"]
     key = results_key(command_id, prefix)
     reply, replicated = await _append(redis, fields, prefix)
     ignored: Counter[str] = Counter()
-    expected = await _believed(reply, secret, ignored)
+    expected = await _believed(reply, secret, prefix, ignored)
     log.info("published %s %s %s for %d host(s)", command_id, op, fields["args"], len(expected))
     await call_back(on_published, Published(command_id, op, tuple(args), expected, replicated))
     collector = Collector(
@@ -251,17 +267,15 @@ async def publish(
         key=key,
         expected=expected,
         secret=secret,
+        # Only an answer to the very entry published counts (not one to a forged entry that
+        # reuses its id), and only one signed for this fleet.
+        command_sig=fields["sig"],
+        prefix=prefix,
         on_result=on_result,
     )
     await collector.run(started + timeout)
     ignored.update(collector.ignored)
-    if ignored:
-        log.warning(
-            "command %s: ignored %d untrusted heartbeat(s) and answer(s): %s",
-            command_id,
-            sum(ignored.values()),
-            ", ".join(f"{reason} {count}" for reason, count in sorted(ignored.items())),
-        )
+    _log_ignored(command_id, ignored)
     return FleetResult(
         command_id=command_id,
         results=collector.results,

@@ -8,18 +8,17 @@ stream reply is read.
 
 from __future__ import annotations
 
-import functools
-import hmac
 import json
 import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring_ascii as _json_string
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
-# Reading stream replies has a module of its own; its names stay importable from here.
+# Signing primitives and reading stream replies have modules of their own; their names stay
+# importable from here.
+from core.control_ops.signing import canonical_json, hmac_hex, json_string, same_signature
 from core.control_ops.streams import (
     MAX_BLOCK_SECONDS,
     read_block_seconds,
@@ -27,9 +26,6 @@ from core.control_ops.streams import (
     stream_pairs,
 )
 from core.names import DEFAULT_KEY_PREFIX, IDENTITY, Keys
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "ALREADY_HANDLED",
@@ -89,26 +85,25 @@ __all__ = [
 
 #: The key prefix when ``OPS_CONTROL_PREFIX`` is not set.
 DEFAULT_PREFIX: Final = DEFAULT_KEY_PREFIX
-#: The fields the signature covers, in the order a command lists them.
+#: The fields of a command entry the signature covers, in the order a command lists them. The
+#: signature also covers the key prefix the command is published under (not a field: the stream's
+#: key says it), so a command signed for one fleet never runs on another that shares the secret.
 SIGNED_FIELDS: Final = ("id", "op", "args", "requested_by", "issued_at", "expires_at")
 #: The ops a daemon knows.
 OPS: Final = ("ping", "status", "pull", "restart")
 #: Ops without side effects: answered in one step that also claims the command id.
 READ_ONLY_OPS: Final = frozenset({"ping", "status"})
-#: The fields of a result entry, in the order a daemon writes them.
-RESULT_FIELDS: Final = ("host", "ok", "ran", "summary", "duration", "sig")
-#: What a result's signature covers: the command's id (from the stream's key) and every field.
-RESULT_SIGNED_FIELDS: Final = ("command_id", "host", "ok", "ran", "summary", "duration")
+#: The fields of a result entry, in the order a daemon writes them. ``command_sig`` is the ``sig``
+#: of the command entry answered, when that signature verified, else empty: the answer belongs to
+#: that exact command, and an answer to a forged entry that reuses a real id belongs to none.
+RESULT_FIELDS: Final = ("host", "ok", "ran", "summary", "duration", "command_sig", "sig")
+#: What a result's signature covers: the command's id and the key prefix (both from the stream's
+#: key) and every field but ``sig``.
+RESULT_SIGNED_FIELDS: Final = ("command_id", "prefix", *RESULT_FIELDS[:-1])
 #: The fields of a heartbeat's value, all signed (plus ``sig``): who, where, what it may do, when.
 HEARTBEAT_FIELDS: Final = (
-    "identity",
-    "hostname",
-    "pid",
-    "version",
-    "started_at",
-    "sent_at",
-    "pull_targets",
-    "restart_units",
+    *("identity", "hostname", "pid", "version", "started_at", "sent_at"),
+    *("pull_targets", "restart_units"),
 )
 
 #: The summary of a command this host does not run (its allow-list does not name the target).
@@ -198,7 +193,7 @@ class CommandRejected(Exception):
 
 
 class SignedCommand(NamedTuple):
-    """A command whose signature checked out, with its fields parsed."""
+    """A command whose signature checked out, with its fields parsed; ``sig`` is that signature."""
 
     id: str
     op: str
@@ -206,66 +201,31 @@ class SignedCommand(NamedTuple):
     requested_by: str
     issued_at: float
     expires_at: float
+    sig: str = ""
 
 
-def canonical_json(fields: Mapping[str, str]) -> bytes:
-    """The bytes a signature covers: ``fields`` as canonical JSON (docs/fleet-protocol.md §3).
-
-    Keys in code point order, no whitespace, every string escaped to printable ASCII: what
-    ``json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` writes.
-    """
-    if all(isinstance(name, str) and isinstance(value, str) for name, value in fields.items()):
-        # Byte for byte what the json.dumps below gives for string values (the same C string
-        # encoder, the keys in sorted order, no spaces), without its generic machinery: every
-        # daemon computes this for every command, every publisher for every answer.
-        # A list, not a generator: join() builds one from a generator first anyway.
-        body = ",".join(
-            [f"{_json_string(name)}:{_json_string(fields[name])}" for name in sorted(fields)]
-        )
-        return ("{" + body + "}").encode()
-    return json.dumps(
-        dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=True
-    ).encode()
-
-
-def canonical_payload(fields: Mapping[str, str]) -> bytes:
-    """The exact bytes a command's signature covers: canonical JSON of the six signed fields."""
+def canonical_payload(fields: Mapping[str, str], prefix: str = DEFAULT_PREFIX) -> bytes:
+    """The exact bytes a command's signature covers: the six signed fields and ``prefix``."""
     try:
         # canonical_json spelt out for the one fixed key set (in code point order): every
         # daemon checks every command. The encoder refuses a value that is not a str.
         return (
-            f'{{"args":{_json_string(fields["args"])},'
-            f'"expires_at":{_json_string(fields["expires_at"])},'
-            f'"id":{_json_string(fields["id"])},'
-            f'"issued_at":{_json_string(fields["issued_at"])},'
-            f'"op":{_json_string(fields["op"])},'
-            f'"requested_by":{_json_string(fields["requested_by"])}}}'
+            f'{{"args":{json_string(fields["args"])},'
+            f'"expires_at":{json_string(fields["expires_at"])},'
+            f'"id":{json_string(fields["id"])},'
+            f'"issued_at":{json_string(fields["issued_at"])},'
+            f'"op":{json_string(fields["op"])},'
+            f'"prefix":{json_string(prefix)},'
+            f'"requested_by":{json_string(fields["requested_by"])}}}'
         ).encode()
     except TypeError:
-        return canonical_json({name: fields[name] for name in SIGNED_FIELDS})
+        signed = {name: fields[name] for name in SIGNED_FIELDS}
+        return canonical_json({**signed, "prefix": prefix})
 
 
-@functools.lru_cache(maxsize=8)
-def _keyed(secret: str) -> Any:
-    """HMAC-SHA256 keyed with ``secret``, ready to copy: the key is prepared once, not per call."""
-    return hmac.new(secret.encode(), digestmod="sha256")
-
-
-def _hmac_hex(secret: str, payload: bytes) -> str:
-    mac = _keyed(secret).copy()
-    mac.update(payload)
-    return str(mac.hexdigest())
-
-
-def _same_signature(expected: str, given: str) -> bool:
-    """Constant-time comparison of a computed signature with an untrusted one."""
-    # Compare bytes: compare_digest refuses non-ASCII str, and the given value is untrusted.
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
-
-
-def sign_fields(fields: Mapping[str, str], secret: str) -> str:
+def sign_fields(fields: Mapping[str, str], secret: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Lower-case hex HMAC-SHA256 of :func:`canonical_payload`, keyed with the shared secret."""
-    return _hmac_hex(secret, canonical_payload(fields))
+    return hmac_hex(secret, canonical_payload(fields, prefix))
 
 
 def build_command(
@@ -277,8 +237,9 @@ def build_command(
     ttl: float = DEFAULT_COMMAND_TTL,
     now: float | None = None,
     command_id: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
 ) -> dict[str, str]:
-    """A complete signed command entry, valid for ``ttl`` seconds from ``now``."""
+    """A complete signed command entry for the fleet under ``prefix``, valid ``ttl`` seconds."""
     if not secret:
         raise ValueError("a shared secret is required to sign commands")
     if isinstance(args, str) or not all(isinstance(arg, str) for arg in args):
@@ -294,15 +255,17 @@ def build_command(
         "issued_at": repr(issued),
         "expires_at": repr(issued + ttl),
     }
-    fields["sig"] = sign_fields(fields, secret)
+    fields["sig"] = sign_fields(fields, secret, prefix)
     return fields
 
 
-def verify_signature(fields: Mapping[str, str], secret: str) -> SignedCommand:
-    """Check the signature (constant time) and parse the fields; raise CommandRejected."""
+def verify_signature(
+    fields: Mapping[str, str], secret: str, prefix: str = DEFAULT_PREFIX
+) -> SignedCommand:
+    """Check the signature (constant time) for the fleet under ``prefix``; raise CommandRejected."""
     if any(name not in fields for name in SIGNED_FIELDS) or "sig" not in fields:
         raise CommandRejected("rejected: bad signature")
-    if not _same_signature(sign_fields(fields, secret), fields["sig"]):
+    if not same_signature(sign_fields(fields, secret, prefix), fields["sig"]):
         raise CommandRejected("rejected: bad signature")
     # Past this point the fields come from a holder of the secret; a parse error is a tool bug.
     try:
@@ -326,6 +289,7 @@ def verify_signature(fields: Mapping[str, str], secret: str) -> SignedCommand:
         requested_by=fields["requested_by"],
         issued_at=issued_at,
         expires_at=expires_at,
+        sig=fields["sig"],
     )
 
 
@@ -342,10 +306,14 @@ def check_time(command: SignedCommand, now: float) -> None:
 
 
 def verify_command(
-    fields: Mapping[str, str], secret: str, *, now: float | None = None
+    fields: Mapping[str, str],
+    secret: str,
+    *,
+    now: float | None = None,
+    prefix: str = DEFAULT_PREFIX,
 ) -> SignedCommand:
     """:func:`verify_signature` plus :func:`check_time`, for tools that consume commands."""
-    command = verify_signature(fields, secret)
+    command = verify_signature(fields, secret, prefix)
     check_time(command, time.time() if now is None else now)
     return command
 
@@ -423,43 +391,59 @@ def cut_summary(summary: str) -> str:
 
 
 def result_fields(
-    result: HostResult, *, command_id: str | None = None, secret: str | None = None
+    result: HostResult,
+    *,
+    command_id: str | None = None,
+    secret: str | None = None,
+    command_sig: str = "",
+    prefix: str = DEFAULT_PREFIX,
 ) -> dict[str, str]:
-    """A result as the string fields of its stream entry; signed when given the secret."""
+    """A result as the string fields of its stream entry; signed when given the secret.
+
+    ``command_sig`` is the signature of the command entry it answers (empty when that entry's
+    signature did not verify); ``prefix`` the fleet's key prefix.
+    """
     fields = {
         "host": result.host,
         "ok": "1" if result.ok else "0",
         "ran": "1" if result.ran else "0",
         "summary": result.summary,
         "duration": f"{result.duration:.3f}",
+        "command_sig": command_sig,
     }
     if secret is not None and command_id is not None:
-        fields["sig"] = sign_result(command_id, fields, secret)
+        fields["sig"] = sign_result(command_id, fields, secret, prefix)
     return fields
 
 
-def result_payload(command_id: str, fields: Mapping[str, str]) -> bytes:
+def result_payload(
+    command_id: str, fields: Mapping[str, str], prefix: str = DEFAULT_PREFIX
+) -> bytes:
     """The bytes a result's signature covers: canonical JSON of RESULT_SIGNED_FIELDS."""
     try:
         # canonical_json spelt out, keys in code point order: every daemon signs and every
         # publisher checks each answer. The encoder refuses a value that is not a str.
         return (
-            f'{{"command_id":{_json_string(command_id)},'
-            f'"duration":{_json_string(fields["duration"])},'
-            f'"host":{_json_string(fields["host"])},'
-            f'"ok":{_json_string(fields["ok"])},'
-            f'"ran":{_json_string(fields["ran"])},'
-            f'"summary":{_json_string(fields["summary"])}}}'
+            f'{{"command_id":{json_string(command_id)},'
+            f'"command_sig":{json_string(fields["command_sig"])},'
+            f'"duration":{json_string(fields["duration"])},'
+            f'"host":{json_string(fields["host"])},'
+            f'"ok":{json_string(fields["ok"])},'
+            f'"prefix":{json_string(prefix)},'
+            f'"ran":{json_string(fields["ran"])},'
+            f'"summary":{json_string(fields["summary"])}}}'
         ).encode()
     except TypeError:
-        signed = {"command_id": command_id}
-        signed.update((name, fields[name]) for name in RESULT_SIGNED_FIELDS[1:])
+        signed = {"command_id": command_id, "prefix": prefix}
+        signed.update((name, fields[name]) for name in RESULT_SIGNED_FIELDS[2:])
         return canonical_json(signed)
 
 
-def sign_result(command_id: str, fields: Mapping[str, str], secret: str) -> str:
-    """The signature of one host's answer to ``command_id``: over the id and every field."""
-    return _hmac_hex(secret, result_payload(command_id, fields))
+def sign_result(
+    command_id: str, fields: Mapping[str, str], secret: str, prefix: str = DEFAULT_PREFIX
+) -> str:
+    """The signature of one host's answer to ``command_id``: over the id, prefix, every field."""
+    return hmac_hex(secret, result_payload(command_id, fields, prefix))
 
 
 def _result(fields: Mapping[str, str], host: str) -> HostResult:
@@ -477,20 +461,34 @@ def _result(fields: Mapping[str, str], host: str) -> HostResult:
 
 
 def verify_result(
-    fields: Mapping[str, str], command_id: str, secret: str, *, host_checked: bool = False
+    fields: Mapping[str, str],
+    command_id: str,
+    secret: str,
+    *,
+    command_sig: str | None,
+    prefix: str = DEFAULT_PREFIX,
+    host_checked: bool = False,
 ) -> HostResult:
     """A result entry whose signature checks out, as a HostResult; else raise Untrusted.
 
-    The host name must be an identity (so at most 64 characters) before anything else looks
-    at the entry (``host_checked``: the caller found it among the identities it expects); the
-    summary is cut to SUMMARY_LIMIT before the caller sees it.
+    ``command_sig`` is the ``sig`` of the command this reader published: an answer to any other
+    entry with the same id (a forged one reusing the id) is not an answer to it. None only for a
+    reader that published nothing and merely looks. The host name must be an identity (so at
+    most 64 characters) before anything else looks at the entry (``host_checked``: the caller
+    found it among the identities it expects); the summary is cut to SUMMARY_LIMIT before the
+    caller sees it.
     """
     host = fields.get("host", "")
     if not host_checked and not IDENTITY.fullmatch(host):
         raise Untrusted("bad host name")
     if not fields.get("sig"):
         raise Untrusted("unsigned")
-    if not _same_signature(sign_result(command_id, fields, secret), fields["sig"]):
+    answered = fields.get("command_sig", "")
+    if command_sig is not None and answered != command_sig:
+        # Checked before the signature: a real answer to a forged entry is signed, but it is
+        # not an answer to this command.
+        raise Untrusted("answer to a forged command" if not answered else "answer to another entry")
+    if not same_signature(sign_result(command_id, fields, secret, prefix), fields["sig"]):
         raise Untrusted("bad signature")
     return _result(fields, host)
 
@@ -511,10 +509,18 @@ def parse_result_fields(fields: Mapping[str, str]) -> HostResult | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def heartbeat_value(fields: Mapping[str, str], secret: str) -> str:
-    """A heartbeat's value: the HEARTBEAT_FIELDS of ``fields`` and their signature, as JSON."""
+def _heartbeat_payload(signed: Mapping[str, str], prefix: str) -> bytes:
+    """The bytes a heartbeat's signature covers: its signed fields and the fleet's prefix."""
+    return canonical_json({**signed, "prefix": prefix})
+
+
+def heartbeat_value(fields: Mapping[str, str], secret: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """A heartbeat's value: the HEARTBEAT_FIELDS of ``fields`` and their signature, as JSON.
+
+    The signature also covers ``prefix``: a heartbeat copied into another fleet's keys fails.
+    """
     signed = {name: fields[name] for name in HEARTBEAT_FIELDS}
-    value = {**signed, "sig": _hmac_hex(secret, canonical_json(signed))}
+    value = {**signed, "sig": hmac_hex(secret, _heartbeat_payload(signed, prefix))}
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
 
 
@@ -534,7 +540,12 @@ def _heartbeat_fields(value: str | bytes | None) -> dict[str, str]:
 
 
 def verify_heartbeat(
-    identity: str, value: str | bytes | None, secret: str, *, now: float | None = None
+    identity: str,
+    value: str | bytes | None,
+    secret: str,
+    *,
+    now: float | None = None,
+    prefix: str = DEFAULT_PREFIX,
 ) -> dict[str, str]:
     """The fields of ``identity``'s heartbeat if it is signed, its own and fresh; else Untrusted.
 
@@ -547,7 +558,7 @@ def verify_heartbeat(
     if fields["identity"] != identity:
         raise Untrusted("heartbeat of another host")
     signed = {name: fields[name] for name in HEARTBEAT_FIELDS}
-    if not _same_signature(_hmac_hex(secret, canonical_json(signed)), fields["sig"]):
+    if not same_signature(hmac_hex(secret, _heartbeat_payload(signed, prefix)), fields["sig"]):
         raise Untrusted("bad signature")
     try:
         sent_at = float(fields["sent_at"][:32])

@@ -185,13 +185,15 @@ async def answer_in_one_burst(
         reply = await client.xread({command_stream_key(prefix): "0"}, count=1, block=10_000)
         assert reply, "no command was published"
         [(_stream, [(_entry, fields)])] = reply
-        command_id = fields[b"id"].decode()
+        command_id, command_sig = fields[b"id"].decode(), fields[b"sig"].decode()
         pipe = client.pipeline(transaction=True)  # one MULTI: every answer lands together
         for host in hosts:
             # Signed, as a real daemon's answer is: the publisher believes nothing else.
             answer = HostResult(host, ok=True, ran=True, summary=summary(host), duration=0.01)
-            fields = result_fields(answer, command_id=command_id, secret=SECRET)
-            pipe.xadd(results_key(command_id, prefix), dict(fields))
+            signed = result_fields(
+                answer, command_id=command_id, secret=SECRET, command_sig=command_sig, prefix=prefix
+            )
+            pipe.xadd(results_key(command_id, prefix), dict(signed))
         await pipe.execute()
     finally:
         await client.aclose()

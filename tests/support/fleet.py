@@ -65,11 +65,17 @@ def lines(path: Path) -> list[str]:
 
 
 async def read_results(
-    client: aioredis.Redis, command_id: str, hosts: Iterable[str], prefix: str
+    client: aioredis.Redis,
+    command_id: str,
+    hosts: Iterable[str],
+    prefix: str,
+    *,
+    command_sig: str | None = None,
 ) -> dict[str, HostResult]:
     """Block on the result stream until every host in ``hosts`` answered (first answer wins).
 
-    Every answer must carry a valid signature (made with the test secret).
+    Every answer must carry a valid signature (made with the test secret, for ``prefix``); with
+    ``command_sig``, each must answer the entry of that signature.
     """
     wanted = set(hosts)
     got: dict[str, HostResult] = {}
@@ -82,7 +88,9 @@ async def read_results(
             for entry_id, raw in entries:
                 last = entry_id
                 fields = {k.decode(): v.decode() for k, v in raw.items()}
-                result = verify_result(fields, command_id, SECRET)
+                result = verify_result(
+                    fields, command_id, SECRET, command_sig=command_sig, prefix=prefix
+                )
                 got.setdefault(result.host, result)
     return got
 
@@ -166,9 +174,8 @@ async def signed_ghost(
     client: aioredis.Redis, identity: str, prefix: str, *, secret: str = SECRET
 ) -> None:
     """A validly signed, fresh heartbeat with no daemon behind it: expected, never answers."""
-    await plant_heartbeat(
-        client, identity, prefix, heartbeat_value(heartbeat_fields(identity), secret)
-    )
+    value = heartbeat_value(heartbeat_fields(identity), secret, prefix)
+    await plant_heartbeat(client, identity, prefix, value)
 
 
 async def plant_answer(
@@ -178,10 +185,30 @@ async def plant_answer(
     result: HostResult,
     *,
     secret: str | None = SECRET,
+    command_sig: str | None = None,
 ) -> None:
-    """Append ``result`` to the command's result stream, signed with ``secret`` (None: unsigned)."""
-    fields = result_fields(result, command_id=command_id, secret=secret)
+    """Append ``result`` to the command's result stream, signed with ``secret`` (None: unsigned).
+
+    ``command_sig``: the signature of the command entry it answers ("" for a forged entry);
+    by default that of the first entry with this id on the command stream, as a daemon would.
+    """
+    if command_sig is None:
+        command_sig = await published_sig(client, command_id, prefix)
+    fields = result_fields(
+        result, command_id=command_id, secret=secret, command_sig=command_sig, prefix=prefix
+    )
     await client.xadd(results_key(command_id, prefix), dict(fields))
+
+
+async def published_sig(client: aioredis.Redis, command_id: str, prefix: str) -> str:
+    """The ``sig`` of the first entry with id ``command_id`` on the command stream ("" if none).
+
+    A test's stream holds a few entries: read whole.
+    """
+    for _entry, fields in await client.xrange(command_stream_key(prefix)):
+        if fields.get(b"id", b"").decode() == command_id:
+            return str(fields.get(b"sig", b"").decode())
+    return ""
 
 
 async def next_command_id(client: aioredis.Redis, prefix: str, after: str = "0") -> str:

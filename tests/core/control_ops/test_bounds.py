@@ -95,7 +95,7 @@ async def test_host_names_that_are_no_identity_are_dropped_even_when_signed(
     bad_names = ["x" * 65, "web 1", "\x1b]52;c;eA==\x07web-1", "", "-web"]
     for name in bad_names:
         if name and len(name) <= 64:  # fresh, and signed with the secret: only the name is bad
-            value = wire.heartbeat_value(heartbeat_fields(name), SECRET)
+            value = wire.heartbeat_value(heartbeat_fields(name), SECRET, key_prefix)
             await plant_heartbeat(redis_client, name, key_prefix, value)
     await redis_client.sadd(hosts_index_key(key_prefix), "y" * 300)  # never an identity
     await signed_ghost(redis_client, "web-1", key_prefix)
@@ -317,9 +317,9 @@ async def test_the_hosts_index_is_read_a_bounded_number_of_members_at_a_time(
     replies: list[list[Any]] = []
     believed = publisher._believed
 
-    async def spy(reply: Any, secret: str, ignored: Any) -> frozenset[str]:
+    async def spy(reply: Any, *args: Any) -> frozenset[str]:
         replies.append(list(reply))
-        return await believed(reply, secret, ignored)
+        return await believed(reply, *args)
 
     monkeypatch.setattr(publisher, "_believed", spy)
     monkeypatch.setattr(
@@ -350,14 +350,24 @@ async def test_the_hosts_index_is_read_a_bounded_number_of_members_at_a_time(
 
 def test_result_fields_carry_a_signature_over_the_command_and_every_field() -> None:
     result = HostResult("web-1", True, True, "pong", 0.5)
-    fields = result_fields(result, command_id="c1", secret=SECRET)
+    fields = result_fields(result, command_id="c1", secret=SECRET, command_sig="s1", prefix="p")
     assert set(fields) == set(wire.RESULT_FIELDS)
-    assert wire.verify_result(fields, "c1", SECRET) == result
-    for tampered in ({**fields, "duration": "0.400"}, {**fields, "host": "web-2"}):
+    assert wire.verify_result(fields, "c1", SECRET, command_sig="s1", prefix="p") == result
+    tampered = [{**fields, "duration": "0.400"}, {**fields, "host": "web-2"}]
+    for fake in tampered:
         with pytest.raises(Untrusted, match=r"^bad signature$"):
-            wire.verify_result(tampered, "c1", SECRET)
+            wire.verify_result(fake, "c1", SECRET, command_sig="s1", prefix="p")
     with pytest.raises(Untrusted, match=r"^bad signature$"):
-        wire.verify_result(fields, "c2", SECRET)
+        wire.verify_result(fields, "c2", SECRET, command_sig="s1", prefix="p")
+    with pytest.raises(Untrusted, match=r"^bad signature$"):  # signed for another fleet
+        wire.verify_result(fields, "c1", SECRET, command_sig="s1", prefix="q")
+    with pytest.raises(Untrusted, match=r"^bad signature$"):  # rebound to another entry
+        wire.verify_result({**fields, "command_sig": "s2"}, "c1", SECRET, command_sig=None)
+    with pytest.raises(Untrusted, match=r"^answer to another entry$"):
+        wire.verify_result(fields, "c1", SECRET, command_sig="s2", prefix="p")
+    unbound = result_fields(result, command_id="c1", secret=SECRET, prefix="p")
+    with pytest.raises(Untrusted, match=r"^answer to a forged command$"):
+        wire.verify_result(unbound, "c1", SECRET, command_sig="s1", prefix="p")
 
 
 async def test_a_daemon_answers_an_oversized_command_without_looking_further(
@@ -371,9 +381,9 @@ async def test_a_daemon_answers_an_oversized_command_without_looking_further(
     verified: list[str] = []
     real = daemon_module.verify_signature
 
-    def spy(fields: Any, secret: str) -> Any:
+    def spy(fields: Any, *args: Any) -> Any:
         verified.append(fields["id"])
-        return real(fields, secret)
+        return real(fields, *args)
 
     monkeypatch.setattr(daemon_module, "verify_signature", spy)
     big = wire.build_command("ping", [], requested_by="x" * MIB, secret=SECRET)
@@ -412,5 +422,5 @@ async def test_a_long_allow_list_still_fits_the_heartbeat(
         )
     assert len(value) <= HEARTBEAT_VALUE_LIMIT
     assert fleet.ok, fleet
-    fields = verify_heartbeat("w" * 64, value, SECRET)
+    fields = verify_heartbeat("w" * 64, value, SECRET, prefix=key_prefix)
     assert 0 < len(json.loads(fields["restart_units"])) < len(units)  # cut, still valid JSON

@@ -123,7 +123,7 @@ async def test_daemon_process_killed_mid_command_never_runs_it_twice(
     }
     log = tmp_path / "daemon.log"
     heartbeat = heartbeat_key(identity, key_prefix)
-    pull = build_command("pull", ["bot"], requested_by="ops", secret=SECRET)
+    pull = build_command("pull", ["bot"], requested_by="ops", secret=SECRET, prefix=key_prefix)
 
     first = start_daemon_process(env, log)
     try:
@@ -139,9 +139,17 @@ async def test_daemon_process_killed_mid_command_never_runs_it_twice(
             kill_orphaned_group(int(pid))
 
     # While it is down: one command still valid when it returns, one that will have expired.
-    valid = build_command("restart", ["a"], requested_by="ops", secret=SECRET, ttl=120)
+    valid = build_command(
+        "restart", ["a"], requested_by="ops", secret=SECRET, prefix=key_prefix, ttl=120
+    )
     stale = build_command(
-        "restart", ["b"], requested_by="ops", secret=SECRET, now=time.time() - 100, ttl=60
+        "restart",
+        ["b"],
+        requested_by="ops",
+        secret=SECRET,
+        prefix=key_prefix,
+        now=time.time() - 100,
+        ttl=60,
     )
     await xadd_command(redis_client, valid, key_prefix)
     await xadd_command(redis_client, stale, key_prefix)

@@ -104,7 +104,15 @@ async def test_forged_expired_and_disallowed_commands_run_nothing(
         pull_targets={"bot": git_repos.clone},
         restart_units=["proxy"],
     )
-    valid = build_command("restart", ["proxy"], requested_by="mallory", secret=SECRET)
+
+    def sign(op: str, args: list[str], **options: float) -> dict[str, str]:
+        return build_command(
+            op, args, requested_by="m", secret=SECRET, prefix=key_prefix, **options
+        )
+
+    valid = build_command(
+        "restart", ["proxy"], requested_by="mallory", secret=SECRET, prefix=key_prefix
+    )
     cases: dict[str, tuple[dict[str, str], str]] = {
         "forged": (
             build_command("restart", ["proxy"], requested_by="mallory", secret="not-the-secret"),
@@ -112,30 +120,27 @@ async def test_forged_expired_and_disallowed_commands_run_nothing(
         ),
         "tampered": ({**valid, "args": '["sshd"]'}, "rejected: bad signature"),
         "unsigned": (
-            {k: v for k, v in build_command("pull", [], requested_by="m", secret=SECRET).items()
-             if k != "sig"},
+            {k: v for k, v in sign("pull", []).items() if k != "sig"},
             "rejected: bad signature",
         ),
         "expired": (
-            build_command(
-                "restart", ["proxy"], requested_by="m", secret=SECRET, now=time.time() - 300, ttl=60
-            ),
+            sign("restart", ["proxy"], now=time.time() - 300, ttl=60),
             "rejected: expired",
         ),
         "unit not allowed": (
-            build_command("restart", ["sshd"], requested_by="m", secret=SECRET),
+            sign("restart", ["sshd"]),
             NOT_ALLOWED,
         ),
         "invalid unit": (
-            build_command("restart", ["-H evil"], requested_by="m", secret=SECRET),
+            sign("restart", ["-H evil"]),
             NOT_ALLOWED,
         ),
         "target not allowed": (
-            build_command("pull", ["other"], requested_by="m", secret=SECRET),
+            sign("pull", ["other"]),
             NOT_ALLOWED,
         ),
         "unknown op": (
-            build_command("shell", ["rm -rf /"], requested_by="m", secret=SECRET),
+            sign("shell", ["rm -rf /"]),
             "refused: unknown op 'shell'",
         ),
     }  # fmt: skip
@@ -273,7 +278,7 @@ async def test_cancel_mid_command_is_a_clean_stop_and_the_command_is_not_rerun(
     fetches, release = upload_pack_gate(tmp_path, git_repos.clone)
     git_repos.commit_upstream("slow one")
     targets = {"bot": git_repos.clone}
-    fields = build_command("pull", ["bot"], requested_by="ops", secret=SECRET)
+    fields = build_command("pull", ["bot"], requested_by="ops", secret=SECRET, prefix=key_prefix)
     daemon = make_daemon(new_client(), "h1", key_prefix, pull_targets=targets)
     task = asyncio.create_task(daemon.run())
     try:
@@ -361,7 +366,7 @@ async def test_an_answer_that_could_not_be_written_is_written_after_the_outage(
     fetches, release = upload_pack_gate(tmp_path, git_repos.clone)
     new_head = git_repos.commit_upstream("lands during an outage")
     daemon = make_daemon(client, "h", "outage", pull_targets={"bot": git_repos.clone})
-    fields = build_command("pull", [], requested_by="ops", secret=SECRET)
+    fields = build_command("pull", [], requested_by="ops", secret=SECRET, prefix="outage")
     try:
         async with serving(daemon):
             await xadd_command(publisher, fields, "outage")
@@ -447,9 +452,11 @@ async def test_an_absurd_validity_is_rejected_and_does_not_stall_the_daemon(
 ) -> None:
     # Validly signed, but valid for ~300 million years: Redis would refuse the marker's expiry,
     # and the entry, retried forever, would stall every command behind it.
-    fields = build_command("restart", ["proxy"], requested_by="ops", secret=SECRET)
+    fields = build_command(
+        "restart", ["proxy"], requested_by="ops", secret=SECRET, prefix=key_prefix
+    )
     fields["expires_at"] = repr(float(fields["issued_at"]) + 1e16)
-    fields["sig"] = sign_fields(fields, SECRET)
+    fields["sig"] = sign_fields(fields, SECRET, key_prefix)
     daemon = make_daemon(new_client(), "h1", key_prefix, restart_units=["proxy"])
     async with serving(daemon):
         await xadd_command(redis_client, fields, key_prefix)
@@ -461,13 +468,13 @@ async def test_an_absurd_validity_is_rejected_and_does_not_stall_the_daemon(
         )
         assert fleet.ok, fleet
     with pytest.raises(ValueError, match="ttl"):
-        build_command("ping", [], requested_by="ops", secret=SECRET, ttl=1e16)
+        build_command("ping", [], requested_by="ops", secret=SECRET, prefix=key_prefix, ttl=1e16)
 
 
 async def test_a_new_daemon_never_replays_history(
     new_client: Callable[..., aioredis.Redis], redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
-    old = build_command("ping", [], requested_by="ops", secret=SECRET)
+    old = build_command("ping", [], requested_by="ops", secret=SECRET, prefix=key_prefix)
     await xadd_command(redis_client, old, key_prefix)  # published before the daemon existed
     daemon = make_daemon(new_client(), "newcomer", key_prefix)
     async with serving(daemon):

@@ -41,6 +41,7 @@ from tests.support.fleet import (
     next_command_id,
     plant_answer,
     plant_heartbeat,
+    published_sig,
     serving,
     signed_ghost,
 )
@@ -66,7 +67,7 @@ async def publish_to_board(redis: aioredis.Redis, prefix: str, **options: object
     return board
 
 
-def forged_heartbeats(real: str) -> dict[str, str]:
+def forged_heartbeats(real: str, prefix: str) -> dict[str, str]:
     """What a Redis writer can store as the heartbeat of a host called ``web-2``."""
     now = time.time()
     unsigned = {**heartbeat_fields("web-2"), "sig": ""}
@@ -74,14 +75,18 @@ def forged_heartbeats(real: str) -> dict[str, str]:
     tampered = {**copied, "identity": "web-2"}
     return {
         "unsigned, as heartbeats used to be": json.dumps(unsigned),
-        "signed with another secret": heartbeat_value(heartbeat_fields("web-2"), OTHER_SECRET),
+        "signed with another secret": heartbeat_value(
+            heartbeat_fields("web-2"), OTHER_SECRET, prefix
+        ),
         "a real heartbeat copied under another name": real,
         "a real heartbeat, renamed": json.dumps(tampered),
         "an old heartbeat replayed": heartbeat_value(
-            heartbeat_fields("web-2", sent_at=now - HEARTBEAT_TTL - MAX_CLOCK_SKEW - 5), SECRET
+            heartbeat_fields("web-2", sent_at=now - HEARTBEAT_TTL - MAX_CLOCK_SKEW - 5),
+            SECRET,
+            prefix,
         ),
         "sent in the future": heartbeat_value(
-            heartbeat_fields("web-2", sent_at=now + MAX_CLOCK_SKEW + 60), SECRET
+            heartbeat_fields("web-2", sent_at=now + MAX_CLOCK_SKEW + 60), SECRET, prefix
         ),
         "not JSON": "ok",
     }
@@ -115,7 +120,9 @@ async def test_a_host_that_does_not_exist_is_never_counted(
 ) -> None:
     async with serving(make_daemon(new_client(), "web-1", key_prefix)):
         real = (await redis_client.get(heartbeat_key("web-1", key_prefix))).decode()
-        await plant_heartbeat(redis_client, "web-2", key_prefix, forged_heartbeats(real)[forgery])
+        await plant_heartbeat(
+            redis_client, "web-2", key_prefix, forged_heartbeats(real, key_prefix)[forgery]
+        )
         # The writer answers "ok" for its host the moment the command appears; even with the
         # fleet's secret, an answer from a host that was not expected would not count.
         forging = asyncio.create_task(answer_for(redis_client, key_prefix, "web-2", secret=SECRET))
@@ -141,13 +148,14 @@ async def test_forged_answers_for_a_real_host_are_ignored(
 
     async def host_and_forger() -> None:
         command_id = await next_command_id(redis_client, key_prefix)
+        sig = await published_sig(redis_client, command_id, key_prefix)
         await plant_answer(redis_client, command_id, key_prefix, ok, secret=None)
         await plant_answer(redis_client, command_id, key_prefix, ok, secret=OTHER_SECRET)
         # A genuine answer of web-1, to another command: signed, but not for this one.
-        real_elsewhere = collect_fields(ok, "another-command")
+        real_elsewhere = collect_fields(ok, "another-command", sig, key_prefix)
         await redis_client.xadd(f"{key_prefix}:results:{command_id}", real_elsewhere)
         # The real answer, tampered with: the refusal turned into an ok.
-        tampered = {**collect_fields(refused, command_id), "ok": "1", "ran": "1"}
+        tampered = {**collect_fields(refused, command_id, sig, key_prefix), "ok": "1", "ran": "1"}
         await redis_client.xadd(f"{key_prefix}:results:{command_id}", tampered)
         await plant_answer(redis_client, command_id, key_prefix, refused)  # the real one
 
@@ -161,9 +169,13 @@ async def test_forged_answers_for_a_real_host_are_ignored(
     assert fleet.ignored == {"unsigned": 1, "bad signature": 3}
 
 
-def collect_fields(result: HostResult, command_id: str) -> dict[str, str]:
-    """``result`` as a daemon signs it for ``command_id``."""
-    return result_fields(result, command_id=command_id, secret=SECRET)
+def collect_fields(
+    result: HostResult, command_id: str, command_sig: str, prefix: str
+) -> dict[str, str]:
+    """``result`` as a daemon of the fleet ``prefix`` signs it for ``command_id``."""
+    return result_fields(
+        result, command_id=command_id, secret=SECRET, command_sig=command_sig, prefix=prefix
+    )
 
 
 async def test_untrusted_entries_are_logged_one_line_each_at_a_bounded_rate(
@@ -180,10 +192,13 @@ async def test_untrusted_entries_are_logged_one_line_each_at_a_bounded_rate(
 
     async def flood() -> None:
         command_id = await next_command_id(redis_client, key_prefix)
+        sig = await published_sig(redis_client, command_id, key_prefix)
         pipe = redis_client.pipeline(transaction=False)
         for n in range(1000):
-            forged = HostResult("web-1", True, True, f"forged {n}", 0.0)
-            pipe.xadd(f"{key_prefix}:results:{command_id}", collect_fields(forged, "other"))
+            forged = collect_fields(
+                HostResult("web-1", True, True, f"forged {n}", 0.0), "other", sig, key_prefix
+            )
+            pipe.xadd(f"{key_prefix}:results:{command_id}", forged)
         await pipe.execute()
         await plant_answer(
             redis_client, command_id, key_prefix, HostResult("web-1", True, True, "pong", 0.0)
@@ -248,7 +263,7 @@ async def test_a_daemons_heartbeat_is_signed_and_fresh(
     daemon = make_daemon(new_client(), "web-1", key_prefix, restart_units=["proxy"])
     async with serving(daemon):
         value = await redis_client.get(heartbeat_key("web-1", key_prefix))
-    fields = verify_heartbeat("web-1", value, SECRET)
+    fields = verify_heartbeat("web-1", value, SECRET, prefix=key_prefix)
     assert fields["restart_units"] == '["proxy.service"]'
     assert abs(float(fields["sent_at"]) - time.time()) < DEADLINE
 

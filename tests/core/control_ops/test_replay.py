@@ -88,7 +88,9 @@ async def test_a_restart_runs_once_whatever_redis_is_made_to_say(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     record = install_systemctl_stand_in(tmp_path, monkeypatch)
-    fields = build_command("restart", ["proxy"], requested_by="ops", secret=SECRET)
+    fields = build_command(
+        "restart", ["proxy"], requested_by="ops", secret=SECRET, prefix=key_prefix
+    )
     # No restart limit here: that is another guard, and this test is about the ledger alone.
     daemon = make_daemon(new_client(), HOST, key_prefix, restart_units=["proxy"])
     daemon.ops.restart_min_interval = 0
@@ -113,7 +115,7 @@ async def test_a_pull_runs_once_across_a_daemon_restart(
     fetches, release = upload_pack_gate(tmp_path, git_repos.clone)
     release.touch()
     git_repos.commit_upstream("deployed once")
-    fields = build_command("pull", [], requested_by="ops", secret=SECRET)
+    fields = build_command("pull", [], requested_by="ops", secret=SECRET, prefix=key_prefix)
     targets = {"bot": git_repos.clone}
     async with serving(make_daemon(new_client(), HOST, key_prefix, pull_targets=targets)):
         await xadd_command(redis_client, fields, key_prefix)
@@ -137,7 +139,7 @@ async def test_an_interrupted_pull_is_not_rerun_when_its_marker_is_deleted(
 ) -> None:
     fetches, release = upload_pack_gate(tmp_path, git_repos.clone)
     git_repos.commit_upstream("interrupted")
-    fields = build_command("pull", [], requested_by="ops", secret=SECRET)
+    fields = build_command("pull", [], requested_by="ops", secret=SECRET, prefix=key_prefix)
     targets = {"bot": git_repos.clone}
     daemon = make_daemon(new_client(), HOST, key_prefix, pull_targets=targets)
     task = asyncio.create_task(daemon.run())
@@ -173,7 +175,9 @@ if "restart" in sys.argv:
     entry["ledger"] = open({str(ledger)!r}).read()
 """
     record = install_systemctl_stand_in(tmp_path, monkeypatch, probe)
-    fields = build_command("restart", ["proxy"], requested_by="ops", secret=SECRET)
+    fields = build_command(
+        "restart", ["proxy"], requested_by="ops", secret=SECRET, prefix=key_prefix
+    )
     async with serving(daemon):
         await xadd_command(redis_client, fields, key_prefix)
         await read_results(redis_client, fields["id"], [HOST], key_prefix)
@@ -197,10 +201,21 @@ async def test_a_command_issued_in_the_future_is_refused(
     record = install_systemctl_stand_in(tmp_path, monkeypatch)
     now = time.time()
     future = build_command(
-        "restart", ["proxy"], requested_by="ops", secret=SECRET, now=now + 3600, ttl=60
+        "restart",
+        ["proxy"],
+        requested_by="ops",
+        secret=SECRET,
+        prefix=key_prefix,
+        now=now + 3600,
+        ttl=60,
     )
     soon = build_command(
-        "restart", ["proxy"], requested_by="ops", secret=SECRET, now=now + MAX_CLOCK_SKEW - 10
+        "restart",
+        ["proxy"],
+        requested_by="ops",
+        secret=SECRET,
+        prefix=key_prefix,
+        now=now + MAX_CLOCK_SKEW - 10,
     )
     async with serving(make_daemon(new_client(), HOST, key_prefix, restart_units=["proxy"])):
         for fields in (future, soon):
@@ -230,7 +245,9 @@ async def test_an_unrecordable_command_does_not_run(
     blocked.write_text("a file where the state dir should be")
     daemon = make_daemon(new_client(), HOST, key_prefix, restart_units=["proxy"], state_dir=blocked)
     daemon.ops.restart_min_interval = 0
-    fields = build_command("restart", ["proxy"], requested_by="ops", secret=SECRET)
+    fields = build_command(
+        "restart", ["proxy"], requested_by="ops", secret=SECRET, prefix=key_prefix
+    )
     async with serving(daemon):
         await xadd_command(redis_client, fields, key_prefix)
         answer = (await read_results(redis_client, fields["id"], [HOST], key_prefix))[HOST]
@@ -251,7 +268,8 @@ async def test_a_full_ledger_refuses_new_commands_rather_than_forget_old_ones(
     daemon.ops.restart_min_interval = 0
     daemon.ledger._capacity = 2  # a small ledger, to fill it
     commands = [
-        build_command("restart", ["proxy"], requested_by="ops", secret=SECRET) for _ in range(3)
+        build_command("restart", ["proxy"], requested_by="ops", secret=SECRET, prefix=key_prefix)
+        for _ in range(3)
     ]
     async with serving(daemon):
         summaries = []

@@ -33,7 +33,7 @@ HOST = "limited"
 
 async def restart(redis: aioredis.Redis, unit: str, prefix: str) -> str:
     """Publish a fresh signed restart of ``unit`` straight to the stream; the host's summary."""
-    fields = build_command("restart", [unit], requested_by="ops", secret=SECRET)
+    fields = build_command("restart", [unit], requested_by="ops", secret=SECRET, prefix=prefix)
     await xadd_command(redis, fields, prefix)
     answer = (await read_results(redis, fields["id"], [HOST], prefix))[HOST]
     if answer.summary.startswith("refused:"):

@@ -198,14 +198,22 @@ async def test_a_collector_that_loses_its_connection_reads_again_and_counts_noth
     expected = frozenset({"web-1", "web-2"})
 
     async def add(entry_id: str, result: HostResult, secret: str = SECRET) -> None:
-        fields = result_fields(result, command_id=command_id, secret=secret)
+        fields = result_fields(
+            result, command_id=command_id, secret=secret, command_sig="c-sig", prefix=key_prefix
+        )
         await redis_client.xadd(key, dict(fields), id=entry_id)
 
     forged = HostResult("web-1", True, True, "forged", 0.1)
     await add("1000-0", forged, secret="not-the-secret")
     await add("5000-0", HostResult("web-9", True, True, "not expected", 0.1))
     collector = Collector(
-        redis_client, command_id=command_id, key=key, expected=expected, secret=SECRET
+        redis_client,
+        command_id=command_id,
+        key=key,
+        expected=expected,
+        secret=SECRET,
+        command_sig="c-sig",
+        prefix=key_prefix,
     )
     real_wait = collector._wait
     reads: list[str] = []

@@ -16,6 +16,7 @@ from core.control_ops import (
     CommandRejected,
     FleetResult,
     HostResult,
+    Untrusted,
     build_command,
     canonical_payload,
     command_stream_key,
@@ -62,9 +63,10 @@ def test_wire_format_is_hmac_sha256_over_canonical_json() -> None:
     # Written out by hand: this is what another tool has to produce, byte for byte.
     expected = (
         b'{"args":"[\\"proxy\\"]","expires_at":"1700000120.5","id":"0123456789abcdef0123456789abcdef",'
-        b'"issued_at":"1700000000.5","op":"restart","requested_by":"discord:42 (alice)"}'
+        b'"issued_at":"1700000000.5","op":"restart","prefix":"sg:control",'
+        b'"requested_by":"discord:42 (alice)"}'
     )
-    assert canonical_payload(fields) == expected
+    assert canonical_payload(fields) == expected  # the default prefix
     sig = hmac.new(SECRET.encode(), expected, hashlib.sha256).hexdigest()
     command = verify_command({**fields, "sig": sig}, SECRET, now=1700000001.0)
     assert command.args == ("proxy",)
@@ -124,6 +126,7 @@ def test_result_entries_round_trip_and_strays_are_skipped() -> None:
         "ran": "1",
         "summary": "line one\nline two",
         "duration": "1.235",
+        "command_sig": "",
     }
     assert parse_result_fields(fields) == result._replace(duration=1.235)
     assert parse_result_fields({"ok": "1"}) is None
@@ -158,12 +161,16 @@ def test_the_protocol_documents_worked_example_is_what_our_code_computes() -> No
     example = text[text.index("<!-- worked example -->") :]
     fields = json.loads(found(r"```json\n(.*?)\n```", example))
     secret = found(r"secret `([^`]+)`", example)
+    prefix = found(r"prefix `([^`]+)`", example)
     payload = found(r"```text\n(.*?)\n```", example)
     signature = found(r"\b([0-9a-f]{64})\b", example)
-    assert canonical_payload(fields).decode() == payload
+    assert canonical_payload(fields, prefix).decode() == payload
     assert f"{len(payload.encode())} bytes" in example
-    assert sign_fields(fields, secret) == signature
-    assert verify_command({**fields, "sig": signature}, secret, now=float(fields["issued_at"]))
+    assert sign_fields(fields, secret, prefix) == signature
+    signed = {**fields, "sig": signature}
+    assert verify_command(signed, secret, now=float(fields["issued_at"]), prefix=prefix)
+    with pytest.raises(CommandRejected, match=r"^rejected: bad signature$"):
+        verify_command(signed, secret, now=float(fields["issued_at"]), prefix="other:fleet")
 
 
 def section(text: str, marker: str) -> str:
@@ -177,18 +184,28 @@ def test_the_protocol_documents_result_example_is_what_our_code_computes() -> No
     text = PROTOCOL.read_text(encoding="utf-8")
     example = section(text, "<!-- worked example: result -->")
     secret = found(r"secret `([^`]+)`", example)
+    prefix = found(r"prefix `([^`]+)`", example)
     command_id = found(r"to command\s+`([0-9a-f]{32})`", example)
     payload = found(r"```text\n(.*?)\n```", example)
     signature = found(r"`sig` is `([0-9a-f]{64})`", example)
     signed = json.loads(payload)
-    assert signed["command_id"] == command_id
-    fields = {name: signed[name] for name in RESULT_SIGNED_FIELDS[1:]}
+    assert (signed["command_id"], signed["prefix"]) == (command_id, prefix)
+    # It answers the command of the worked example of §3.
+    command_example = section(text, "<!-- worked example -->")
+    assert signed["command_sig"] == found(r"`sig` is `([0-9a-f]{64})`", command_example)
+    fields = {name: signed[name] for name in RESULT_SIGNED_FIELDS[2:]}
     for name in ("ok", "ran", "summary", "duration"):
-        assert f"`{name}` {'`' if name in ('summary', 'duration') else ''}{fields[name]}" in example
+        assert re.search(rf"`{name}`\s+`?{re.escape(fields[name])}", example), name
     assert canonical_json(signed).decode() == payload
-    assert f"payload of {len(payload.encode())} bytes" in example
-    assert sign_result(command_id, fields, secret) == signature
-    result = verify_result({**fields, "sig": signature}, command_id, secret)
+    assert f"payload\nof {len(payload.encode())} bytes" in example
+    assert sign_result(command_id, fields, secret, prefix) == signature
+    result = verify_result(
+        {**fields, "sig": signature},
+        command_id,
+        secret,
+        command_sig=signed["command_sig"],
+        prefix=prefix,
+    )
     assert result == HostResult("web-1", True, True, "restarted proxy.service", 0.042)
 
 
@@ -196,11 +213,14 @@ def test_the_protocol_documents_heartbeat_example_is_what_our_code_computes() ->
     text = PROTOCOL.read_text(encoding="utf-8")
     example = section(text, "<!-- worked example: heartbeat -->")
     secret = found(r"secret `([^`]+)`", example)
+    prefix = found(r"prefix `([^`]+)`", example)
     value = found(r"```json\n(.*?)\n```", example)
     fields = json.loads(value)
-    assert heartbeat_value(fields, secret) == value
+    assert heartbeat_value(fields, secret, prefix) == value
     sent_at = float(fields["sent_at"])
-    assert verify_heartbeat("web-1", value, secret, now=sent_at) == {
+    with pytest.raises(Untrusted, match=r"^bad signature$"):
+        verify_heartbeat("web-1", value, secret, now=sent_at, prefix="other:fleet")
+    assert verify_heartbeat("web-1", value, secret, now=sent_at, prefix=prefix) == {
         name: fields[name] for name in HEARTBEAT_FIELDS
     }
     assert len(value.encode()) <= HEARTBEAT_VALUE_LIMIT
