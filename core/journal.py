@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-from core.ops_exec import run_exec, validate_unit_name
+from core.ops_exec import ExecResult, run_exec, validate_unit_name
 
 __all__ = [
     "DEFAULT_LINES",
     "JOURNAL_TIMEOUT",
     "MAX_LINES",
+    "MAX_OUTPUT",
     "JournalTail",
     "journal_argv",
     "journalctl_argv",
@@ -86,17 +88,42 @@ class JournalTail(NamedTuple):
     text: str
     #: One line: how many lines were read, or why nothing was.
     summary: str
-    #: The output was longer than :data:`MAX_OUTPUT` bytes and was cut.
+    #: Fewer lines than asked for are shown: all of them were longer than :data:`MAX_OUTPUT`.
     truncated: bool = False
+
+
+#: Reads of one tail at most: asked for, then fewer lines while the newest ones do not fit.
+_ATTEMPTS: Final = 3
 
 
 async def read_journal(unit: str, lines: int, *, timeout: float = JOURNAL_TIMEOUT) -> JournalTail:
     """The last ``lines`` journal lines of ``unit``; never raises for a failed run.
 
+    The runner keeps the first :data:`MAX_OUTPUT` bytes, and the newest lines are the ones that
+    matter (a crash's traceback is at the end), so when they do not fit journalctl is asked
+    again for as many lines as did fit: what is shown is always the newest lines, complete.
     Raises ValueError only for an invalid unit name, line count or ``OPS_JOURNALCTL``.
     """
-    argv = journal_argv(unit, lines)
-    result = await run_exec(argv, env=_journal_env(), timeout=timeout, max_output=MAX_OUTPUT)
+    asked = lines
+    deadline = time.monotonic() + timeout
+    for _attempt in range(_ATTEMPTS):
+        argv = journal_argv(unit, lines)
+        remaining = max(0.1, deadline - time.monotonic())
+        result = await run_exec(argv, env=_journal_env(), timeout=remaining, max_output=MAX_OUTPUT)
+        if not result.truncated or result.timed_out or result.returncode != 0:
+            break
+        lines = max(1, min(lines - 1, _complete_lines(result.stdout)))
+    return _tail(unit, result, timeout, cut=lines < asked)
+
+
+def _complete_lines(cut: str) -> int:
+    """Journal lines wholly inside output cut at MAX_OUTPUT (its marker and last line are not)."""
+    body = cut.rsplit("\n[… ", 1)[0]
+    return max(0, body.count("\n"))
+
+
+def _tail(unit: str, result: ExecResult, timeout: float, *, cut: bool) -> JournalTail:
+    """The tail as read; ``cut``: journalctl was asked for fewer lines than the command was."""
     if result.timed_out:
         return JournalTail(False, result.stdout, f"journalctl timed out after {timeout:g} s")
     if result.returncode is None:
@@ -113,4 +140,4 @@ async def read_journal(unit: str, lines: int, *, timeout: float = JOURNAL_TIMEOU
         summary = f"no journal lines for {validate_unit_name(unit)}"
         return JournalTail(True, "\n".join([*shown, hint]).strip(), summary, result.truncated)
     count = f"{len(entries)} line" + ("" if len(entries) == 1 else "s")
-    return JournalTail(True, "\n".join(shown), count, result.truncated)
+    return JournalTail(True, "\n".join(shown), count, cut or result.truncated)

@@ -23,7 +23,7 @@ from core.chat.invocation import Action, Invocation, NotConfigured, Outcome, Pla
 from core.chat.process import process_started_at
 from core.chat.replies import Replies
 from core.chat.spacing import RestartSpacing
-from core.journal import DEFAULT_LINES, MAX_LINES, read_journal
+from core.journal import DEFAULT_LINES, MAX_LINES, MAX_OUTPUT, read_journal
 from core.names import DEFAULT_TARGET
 from core.ops_exec import (
     PullOutcome,
@@ -206,7 +206,7 @@ class HostActions:
         else:
             headline = f"📜 Last {tail.summary} of {name}"
         if tail.truncated:
-            headline += " (output cut short)"
+            headline += f" (of {lines} asked for: the newest that fit in {MAX_OUTPUT >> 20} MiB)"
         return Outcome("ok", detail=tail.summary, reply=Reply(headline, tail.text or None))
 
     # ------------------------------------------------------------------ !ops_status

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.journal import MAX_LINES, journal_argv, journalctl_argv, read_journal
+from core.journal import MAX_LINES, MAX_OUTPUT, journal_argv, journalctl_argv, read_journal
 from core.settings import DEFAULT_CONFIRM, Settings, SettingsError
 from tests.support.processes import write_script
 
@@ -94,6 +94,40 @@ async def test_reads_the_lines_without_the_bots_environment(journalctl: Path) ->
         "LC_CTYPE",
     }
     assert "test-token-that-must-not-reach-journalctl" not in json.dumps(call["env"])
+
+
+#: A journal of 2000 lines of about 1 KB each: ``-n N`` prints its newest N, like journalctl.
+LONG_LINES_JOURNALCTL = """
+import sys
+n = int(sys.argv[sys.argv.index("-n") + 1])
+with open(sys.argv[0] + ".calls", "a") as log:
+    log.write(f"{n}\\n")
+for k in range(2000 - n, 2000):
+    print(f"2024-05-01T12:00:00+0000 web-1 proxy[42]: line {k} " + "x" * 1000)
+"""
+
+
+async def test_newest_lines_are_shown_when_the_asked_ones_do_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = write_script(
+        tmp_path / "journalctl", LONG_LINES_JOURNALCTL, interpreter=sys.executable
+    )
+    monkeypatch.setenv("OPS_JOURNALCTL", str(script))
+
+    tail = await read_journal("proxy.service", 2000)
+
+    shown = tail.text.splitlines()
+    asked = [int(n) for n in (tmp_path / "journalctl.calls").read_text().split()]
+    assert asked[0] == 2000
+    assert 1 < len(asked) <= 3
+    # The newest lines, complete, as many as journalctl was last asked for; no cut marker.
+    assert len(shown) == asked[-1] < 2000
+    assert shown[-1].endswith("line 1999 " + "x" * 1000)
+    assert all(line.endswith("x" * 1000) for line in shown)
+    assert len(tail.text.encode()) <= MAX_OUTPUT
+    assert tail.truncated
+    assert tail.summary == f"{asked[-1]} lines"
 
 
 async def test_no_entries_is_said_with_journalctls_hint(journalctl: Path) -> None:
