@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+import discord
 from discord.ext import commands
 
 from core.chat.admission import Admission, Refusal, RefusalStatus
@@ -44,7 +45,7 @@ from core.chat.replies import Replies, shown
 from core.text import inline_code
 
 if TYPE_CHECKING:
-    from core.chat.confirm import Confirmer
+    from core.chat.confirm import Confirmer, StillAllowed
 
 __all__ = [
     "Action",
@@ -259,7 +260,8 @@ class Pipeline:
         outcome = Outcome("error", detail="interrupted")
         try:
             try:
-                outcome = await self._run(run, configure)
+                async with self.replies.deferred_when_slow(ctx):
+                    outcome = await self._run(run, configure)
             # The last line of defence for a bug in an action: whatever it raised, the operator
             # gets an answer, the invocation its record, and the command is free again.
             except Exception as exc:
@@ -302,6 +304,20 @@ class Pipeline:
         """Whether ``command`` asks for a confirmation before it runs."""
         return self.confirmer is not None and command in self.admission.settings.confirm
 
+    def _still_allowed(self, inv: Invocation, plan: Plan) -> StillAllowed:
+        """The role checks of ``inv`` and of what it would also do, for a later press."""
+
+        async def check(member: discord.Member) -> bool:
+            guild = inv.ctx.guild
+            if guild is None:
+                return False
+            for command in (inv.command, *plan.also_as):
+                if not await self.admission.may_run_in(guild, member, command):
+                    return False
+            return True
+
+        return check
+
     async def _admit(self, run: _Run, configure: Configure) -> Plan | Refusal:
         """The plan to run, or why not: who and where, then configured, then when."""
         inv = run.inv
@@ -334,7 +350,7 @@ class Pipeline:
         if confirmer is None:
             return None
         question = plan.prompt or f"Run {_typed(inv)}?"
-        answer = await confirmer.ask(inv, question)
+        answer = await confirmer.ask(inv, question, self._still_allowed(inv, plan))
         draft = dataclasses.replace(inv.draft, confirmation=answer.answer)
         run.inv = inv = dataclasses.replace(inv, draft=draft)
         if not answer.confirmed:

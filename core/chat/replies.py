@@ -25,7 +25,7 @@ from core.ops_exec import clean_text, redact
 from core.settings import Settings
 from core.text import MESSAGE_LIMIT, cut, format_reply
 
-__all__ = ["NO_MENTIONS", "SEND_ERRORS", "Replies", "display_name", "shown"]
+__all__ = ["DEFER_AFTER", "NO_MENTIONS", "SEND_ERRORS", "Replies", "display_name", "shown"]
 
 # Under the cog's logger, so configuring "cogs.admin_ops" covers everything it does.
 log = logging.getLogger("cogs.admin_ops.replies")
@@ -35,6 +35,10 @@ NO_MENTIONS: Final = discord.AllowedMentions.none()
 #: What a send or edit may raise besides Discord's refusal: discord.py re-raises connection
 #: resets (aiohttp.ClientOSError) and timeouts as they are.
 SEND_ERRORS: Final = (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+#: Seconds after which a slash command nobody has answered yet is deferred ("thinking…"):
+#: Discord forgets an interaction not answered within 3 s of its creation, and the checks
+#: before an answer may wait on Redis, Discord or systemctl.
+DEFER_AFTER: Final = 2.0
 
 
 def display_name(user: discord.abc.User) -> str:
@@ -54,6 +58,9 @@ class Replies:
         """Redact ``settings.secrets`` and the token of ``bot``'s connection."""
         self.bot = bot
         self.settings = settings
+        # One lock per interaction still unanswered: its first answer is either a deferral or
+        # the answer itself, never both at once (Discord refuses the second).
+        self._first_answers: dict[int, asyncio.Lock] = {}
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -179,10 +186,11 @@ class Replies:
         try:
             if interaction.is_expired():
                 raise _Expired
-            if not interaction.response.is_done():
-                response = await interaction.response.send_message(content, **kwargs)
-                message = response.resource
-                return message if isinstance(message, discord.Message) else None
+            async with self._first_answer(interaction):
+                if not interaction.response.is_done():
+                    response = await interaction.response.send_message(content, **kwargs)
+                    message = response.resource
+                    return message if isinstance(message, discord.Message) else None
             return await interaction.followup.send(content, wait=True, **kwargs)
         except (_Expired, discord.NotFound) as exc:
             if isinstance(exc, discord.NotFound) and exc.code not in _GONE:
@@ -202,12 +210,45 @@ class Replies:
         Nothing for a prefix command, or a slash command already answered.
         """
         interaction = ctx.interaction
-        if interaction is None or interaction.response.is_done() or interaction.is_expired():
+        if interaction is None or interaction.is_expired():
             return
+        async with self._first_answer(interaction):
+            if interaction.response.is_done():
+                return
+            try:
+                await interaction.response.defer(thinking=True)
+            except (*SEND_ERRORS, discord.InteractionResponded) as exc:
+                log.info("cannot defer interaction %s: %s", interaction.id, exc)
+
+    @contextlib.asynccontextmanager
+    async def _first_answer(self, interaction: discord.Interaction[Any]) -> AsyncIterator[None]:
+        lock = self._first_answers.setdefault(interaction.id, asyncio.Lock())
         try:
-            await interaction.response.defer(thinking=True)
-        except (*SEND_ERRORS, discord.InteractionResponded) as exc:
-            log.info("cannot defer interaction %s: %s", interaction.id, exc)
+            async with lock:
+                yield
+        finally:
+            if interaction.response.is_done() or not lock.locked():
+                self._first_answers.pop(interaction.id, None)
+
+    @contextlib.asynccontextmanager
+    async def deferred_when_slow(self, ctx: commands.Context[Any]) -> AsyncIterator[None]:
+        """Defer a slash command still unanswered :data:`DEFER_AFTER` s into the block.
+
+        A refusal that comes later than that is then shown in place of "thinking…", visibly
+        (Discord decides at the deferral whether the answer will be private).
+        """
+        if ctx.interaction is None:
+            yield
+            return
+        watchdog = asyncio.create_task(self._defer_later(ctx), name="admin-ops: 3 s watchdog")
+        try:
+            yield
+        finally:
+            watchdog.cancel()
+
+    async def _defer_later(self, ctx: commands.Context[Any]) -> None:
+        await asyncio.sleep(DEFER_AFTER)  # Discord's deadline, not a synchronisation
+        await self.acknowledge(ctx)
 
     async def send_live(self, ctx: commands.Context[Any], content: str) -> discord.Message | None:
         """Reply with text rendered for a live message (already within the limit).
