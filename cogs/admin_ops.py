@@ -171,8 +171,10 @@ class AdminOps(commands.Cog):
     def _add_pipeline(self) -> None:
         """The one path of every command (with its confirmations), and the slash commands."""
         settings = self.settings
-        confirmer = ButtonConfirmer(self.replies, settings.confirm_timeout)
-        self.pipeline = Pipeline(self.admission, self.audit, self.replies, self.floods, confirmer)
+        self.confirmer = ButtonConfirmer(self.replies, settings.confirm_timeout)
+        self.pipeline = Pipeline(
+            self.admission, self.audit, self.replies, self.floods, self.confirmer
+        )
         # Slash commands only in the operator's servers, and none without OPS_GUILD_IDS.
         register_in_guilds(self, settings.guild_ids)
         self.command_sync = CommandSync(
@@ -276,6 +278,7 @@ class AdminOps(commands.Cog):
         An invocation under way (``!ops_reload`` of this very cog) still replies and writes
         its record through this instance: the client is closed once it is over.
         """
+        await self.confirmer.close()
         for task in (self.back_online_task, self.health_task, self.command_sync.task):
             if task is not None and not task.done():
                 task.cancel()

@@ -14,7 +14,7 @@ import re
 import discord.ext.test as dpytest
 import pytest
 
-from core.chat.confirm import Confirmation
+from core.chat.confirm import Confirmation, StillAllowed
 from core.chat.invocation import Invocation
 from tests.support.chat import (
     AUDIT_LOGGER,
@@ -35,9 +35,13 @@ class Scripted:
         self.asked = asyncio.Event()
         self.release = asyncio.Event()
         self.release.set()
+        self.still_allowed: StillAllowed | None = None
 
-    async def ask(self, inv: Invocation, question: str) -> Confirmation:
+    async def ask(
+        self, inv: Invocation, question: str, still_allowed: StillAllowed | None = None
+    ) -> Confirmation:
         self.questions.append((inv.command, question))
+        self.still_allowed = still_allowed
         self.asked.set()
         await self.release.wait()
         return self.answer
@@ -157,3 +161,18 @@ async def test_the_restart_spacing_is_checked_again_once_confirmed(
     assert scripted.questions  # asked: the spacing is the last check, after the answer
     assert "refused: `proxy.service` restarted" in only_reply(sent, message).content
     assert systemctl.calls() == []
+
+
+async def test_a_member_who_lost_the_role_while_asked_may_not_answer(
+    harness: Harness, systemctl: SystemctlStub
+) -> None:
+    """The role checks are handed to the confirmer for the press: roles change while it waits."""
+    scripted = await with_confirmer(harness, CANCELLED)
+    await harness.say("!proxy_restart")
+    check = scripted.still_allowed
+    assert check is not None
+    member = harness.admins[0]
+
+    assert await check(member)
+    await dpytest.remove_role(member, harness.ops_role)
+    assert not await check(harness.guild.get_member(member.id))
