@@ -178,9 +178,18 @@ class CommandSync:
             self.task = asyncio.create_task(self.at_start(), name="admin-ops command sync")
 
     async def at_start(self) -> None:
-        """Sync each server whose command set differs from the last one synced there."""
+        """Sync each server whose command set differs from the last one synced there.
+
+        The hash says what this bot last sent; what Discord holds may have changed since (a host
+        bot that synced its tree without these commands, another process of the application),
+        so a server whose hash matches is still synced when a command is missing there: one
+        GET per server at start, against a PUT that Discord rate-limits hard.
+        """
         stored = await asyncio.to_thread(self._hashes)
         changed = [g for g in self.guild_ids if stored.get(str(g)) != self._current(g)]
+        for guild_id in self.guild_ids:
+            if guild_id not in changed and await self._missing_in(guild_id):
+                changed.append(guild_id)
         if not changed:
             log.info("slash commands unchanged in %d server(s): not synced", len(self.guild_ids))
             return
@@ -189,6 +198,20 @@ class CommandSync:
                 log.info("slash commands synced in server %s", guild_id)
             else:
                 log.warning("slash commands not synced in server %s: %s", guild_id, error)
+
+    async def _missing_in(self, guild_id: int) -> bool:
+        """Whether Discord lacks one of the tree's commands in ``guild_id`` (False if unsure)."""
+        guild = discord.Object(guild_id)
+        try:
+            registered = await self.bot.tree.fetch_commands(guild=guild)
+        except SYNC_ERRORS as exc:
+            log.warning("cannot list the slash commands of server %s: %s", guild_id, _why(exc))
+            return False
+        names = {command.name for command in registered}
+        missing = [c.name for c in self.bot.tree.get_commands(guild=guild) if c.name not in names]
+        if missing:
+            log.info("server %s lacks %d slash command(s): syncing it", guild_id, len(missing))
+        return bool(missing)
 
     async def _sync(self, guild_ids: Sequence[int]) -> list[tuple[int, str | None]]:
         """Sync each of ``guild_ids``; per server, None or why it failed. Hashes kept on success."""

@@ -6,6 +6,7 @@ tests/e2e/test_slash_commands.py syncs for real against the fake Discord.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -27,11 +28,17 @@ def guild_commands(cog: AdminOps, guild_id: int) -> list[app_commands.Command[An
 
 
 class RecordingSync:
-    """Stands in for ``CommandTree.sync``: records the servers, fails where told to."""
+    """Stands in for ``CommandTree.sync`` and ``fetch_commands``: what Discord holds, per server.
 
-    def __init__(self, refuse: set[int] | None = None) -> None:
+    Records the servers synced, fails where told to.
+    """
+
+    def __init__(self, tree: app_commands.CommandTree[Any], refuse: set[int] | None = None) -> None:
+        self.tree = tree
         self.guilds: list[int] = []
         self.refuse = refuse or set()
+        #: The command names Discord holds per server: what the last sync there sent.
+        self.registered: dict[int, list[str]] = {}
 
     async def __call__(self, *, guild: discord.abc.Snowflake | None = None) -> list[Any]:
         assert guild is not None, "never a global sync"
@@ -40,13 +47,19 @@ class RecordingSync:
             response = aiohttp.ClientResponse.__new__(aiohttp.ClientResponse)
             response.status, response.reason = 403, "Forbidden"  # type: ignore[misc]
             raise discord.Forbidden(response, {"message": "Missing Access", "code": 50001})
+        self.registered[guild.id] = [c.name for c in self.tree.get_commands(guild=guild)]
         return []
+
+    async def fetch(self, *, guild: discord.abc.Snowflake | None = None) -> list[Any]:
+        assert guild is not None, "never the global commands"
+        return [SimpleNamespace(name=name) for name in self.registered.get(guild.id, [])]
 
 
 @pytest.fixture
 def tree_sync(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> RecordingSync:
-    recording = RecordingSync()
+    recording = RecordingSync(harness.bot.tree)
     monkeypatch.setattr(harness.bot.tree, "sync", recording)
+    monkeypatch.setattr(harness.bot.tree, "fetch_commands", recording.fetch)
     monkeypatch.setattr(harness.bot._connection, "application_id", 424242424242424242)
     return recording
 
@@ -105,6 +118,14 @@ async def test_a_server_is_synced_at_start_only_when_its_command_set_changed(
     assert cog.command_sync.task is not None
     await cog.command_sync.task
     assert sorted(tree_sync.guilds) == [GUILD_A, GUILD_B, GUILD_B]
+
+    # The hash matches, but Discord lost the commands of one server: that one is synced again.
+    tree_sync.registered[GUILD_A] = []
+    await harness.remove_cog()
+    cog = await harness.add_cog(settings)
+    assert cog.command_sync.task is not None
+    await cog.command_sync.task
+    assert sorted(tree_sync.guilds) == [GUILD_A, GUILD_A, GUILD_B, GUILD_B]
 
 
 async def test_ops_sync_forces_a_sync_and_says_how_each_server_went(
