@@ -28,6 +28,7 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -885,9 +886,18 @@ MAX_STATE_FILE_BYTES = 1 << 20
 
 
 def read_json_file(path: str | os.PathLike[str]) -> Any | None:
-    """The JSON in ``path``, or None when it is missing, unreadable, too large or too deep."""
+    """The JSON in ``path``, or None when it is missing, unreadable, too large or too deep.
+
+    Only a regular file counts: a symlink (as the last component) or a FIFO planted in its
+    place is not followed, and opening never blocks.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with open(path, encoding="utf-8") as state:
+        fd = os.open(path, flags)
+        with open(fd, encoding="utf-8") as state:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                log.warning("%s is not a regular file; ignored", path)
+                return None
             text = state.read(MAX_STATE_FILE_BYTES + 1)
         if len(text) > MAX_STATE_FILE_BYTES:
             log.warning("%s is larger than %d bytes; ignored", path, MAX_STATE_FILE_BYTES)

@@ -317,3 +317,17 @@ def test_a_state_file_too_deep_or_too_large_is_ignored(tmp_path: Path) -> None:
     fine = tmp_path / "fine.json"
     fine.write_text('{"k": 1}')
     assert read_json_file(fine) == {"k": 1}
+
+
+def test_a_state_file_that_is_a_symlink_or_a_fifo_is_not_read(tmp_path: Path) -> None:
+    """Planted in the state file's place: not followed, and reading never blocks."""
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"planted": 1}')
+    link = tmp_path / "link.json"
+    link.symlink_to(elsewhere)
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+
+    assert read_json_file(elsewhere) == {"planted": 1}
+    assert read_json_file(link) is None
+    assert read_json_file(fifo) is None  # returns at once: no writer is waited for
