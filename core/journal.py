@@ -2,7 +2,7 @@
 
 Standard library only (like :mod:`core.ops_exec`, whose runner it uses): no shell, an empty
 stdin, an environment of its own, output capped while it is read. The program is
-``$OPS_JOURNALCTL`` (split like a shell would, e.g. ``sudo -n /usr/bin/journalctl``), else
+``$OPS_JOURNALCTL`` (split like a shell would, e.g. ``journalctl --namespace=admin-ops``), else
 ``journalctl`` from ``PATH``; it is read at each call, like ``OPS_SYSTEMCTL``.
 
 Which units may be read is the caller's decision (the cog allows its own unit, the proxy's and
