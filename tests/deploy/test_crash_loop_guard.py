@@ -198,6 +198,11 @@ def test_a_crash_loop_after_a_bad_commit_is_rolled_back_once_and_not_at_the_good
         f"rolled {CHECKOUT_INSIDE} back to the last good commit {good[:7]} and started it again."
     )
     assert deploy_tree.checkout_head() == good
+    # The guard's last step starts the bot: it may still be exiting once the bot is active.
+    wait_until(
+        lambda: systemd.show(ROLLBACK_UNIT, "ActiveState")["ActiveState"] != "activating",
+        "the guard's process exited",
+    )
     guard = systemd.show(ROLLBACK_UNIT, "Result", "ExecMainStatus", "ActiveState")
     assert guard == {"Result": "success", "ExecMainStatus": "0", "ActiveState": "inactive"}
     episode = read_json(state / "rollback-episode.json")
