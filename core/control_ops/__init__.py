@@ -13,7 +13,8 @@ The package, one job per module:
 - :mod:`~core.control_ops.collect`: bounded, verified reading of a command's answers;
 - :mod:`~core.control_ops.daemon`: ``ControlDaemon``, serving one identity, with
   :mod:`~core.control_ops.claims` (at most once), :mod:`~core.control_ops.presence`
-  (heartbeats) and :mod:`~core.control_ops.lifecycle` (reconnects, stopping);
+  (heartbeats), :mod:`~core.control_ops.command_reader` (bounded reads of its group) and
+  :mod:`~core.control_ops.lifecycle` (reconnects, stopping);
 - :mod:`~core.control_ops.host_ops`: what ping, status, pull and restart do on the host;
 - :mod:`~core.control_ops.host_state`: what a host remembers on its own disk;
 - :mod:`~core.control_ops.report`: how a command stands, for the terminal and the chat alike;

@@ -12,7 +12,8 @@ an entry larger than RESULT_ENTRY_LIMIT (no daemon writes one) was seen, it catc
 Lua script that hands over at most RESULT_READ_COUNT entries and about RESULT_READ_BYTES bytes
 per call and returns an oversized entry as its id alone. After an oversized entry it stops
 blocking altogether and polls with the script, so no more than one blocking read's worth of an
-attacker's large entries is ever read whole.
+attacker's large entries is ever read whole. The script and the size check live in
+:mod:`core.control_ops.streams`, shared with the daemon's reads of the command stream.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from typing import TYPE_CHECKING, Any, Final
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core.control_ops.streams import (
+    POLL_INTERVAL,
+    SCAN_BYTES,
+    Entry,
+    bounded_entries,
+    bounded_read_lua,
+    checked_entries,
+)
 from core.control_ops.wire import (
     DEFAULT_PREFIX,
     RESULT_ENTRY_LIMIT,
@@ -35,7 +44,6 @@ from core.control_ops.wire import (
     HostResult,
     Untrusted,
     read_block_seconds,
-    stream_pairs,
     verify_result,
 )
 from core.names import IDENTITY
@@ -67,73 +75,9 @@ RESULT_READ_COUNT: Final = 256
 WAKE_COUNT: Final = 16
 #: About the most bytes of entries one read hands over (one entry more at most).
 RESULT_READ_BYTES: Final = 256 * 1024
-#: How often a collector that stopped blocking (see the module's docstring) reads again.
-POLL_INTERVAL: Final = 0.05
-# The most bytes one read looks at on the server, oversized entries included: a stream of
-# huge entries costs Redis a bounded amount of work per call too.
-_SCAN_BYTES: Final = 8 * 1024 * 1024
-# Entries are read a few at a time (XRANGE COUNT _BATCH) while they are small, then one at a
-# time once an oversized one was seen, so the script holds few of an attacker's in memory.
-# The reply is flat: 1 if the read stopped at a limit (there may be more), else 0; then per
-# entry the protocol's fields only, in RESULT_FIELDS order (the signature covers no other
-# field): id, host, ok, ran, summary, duration, sig; a missing field is ''. An entry larger
-# than the limit is its id and six nils. Flat and fixed, it costs the client the fewest reply
-# elements to parse. A daemon writes the fields in that very order: the fast path.
-# KEYS: the result stream. ARGV: the last id read, most entries, byte budget, largest entry,
-# scan budget.
-_BATCH: Final = 16
-_READ_LUA: Final = (
-    "local names = {"
-    + ", ".join(f"'{name}'" for name in RESULT_FIELDS)
-    + "}\n"
-    + f"local batch = {_BATCH}\n"
-    + """local last = ARGV[1]
-local most, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
-local largest, scan_budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-local out, count, used, scanned = {0}, 0, 0, 0
-local n = #names
-local function in_order(fields)
-  if #fields ~= 2 * n then return false end
-  for i = 1, n do
-    if fields[2 * i - 1] ~= names[i] then return false end
-  end
-  return true
-end
-while count < most and used < budget and scanned < scan_budget do
-  local wanted = math.min(batch, most - count)
-  local entries = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', wanted)
-  for _, entry in ipairs(entries) do
-    last, count = entry[1], count + 1
-    local fields, size = entry[2], 0
-    for i = 1, #fields do size = size + #fields[i] end
-    scanned = scanned + size
-    out[#out + 1] = last
-    if size > largest then
-      for _ = 1, n do out[#out + 1] = false end
-      batch = 1
-    elseif in_order(fields) then
-      for i = 1, n do out[#out + 1] = fields[2 * i] end
-      used = used + size
-    else
-      local by_name = {}
-      for i = 1, #fields - 1, 2 do by_name[fields[i]] = fields[i + 1] end
-      for _, name in ipairs(names) do out[#out + 1] = by_name[name] or '' end
-      used = used + size
-    end
-    if used >= budget or scanned >= scan_budget then break end
-  end
-  if #entries < wanted then break end  -- the end of the stream
-end
-if count >= most or used >= budget or scanned >= scan_budget then
-  out[1] = 1  -- stopped at a limit: there may be more
-end
-return out
-"""
-)
-_STRIDE: Final = 1 + len(RESULT_FIELDS)
-
-#: One entry of a bounded read: its id, and its fields (None: larger than RESULT_ENTRY_LIMIT).
-Entry = tuple[str, dict[str, str] | None]
+# The bounded read of a result stream (see core.control_ops.streams): the protocol's fields only,
+# in RESULT_FIELDS order (the signature covers no other field), the order a daemon writes them.
+_READ_LUA: Final = bounded_read_lua(RESULT_FIELDS)
 
 #: The first pause before reading again after the connection failed; it doubles up to the cap.
 RECONNECT_BASE: Final = 0.05
@@ -220,42 +164,19 @@ async def call_back(callback: Callable[[Any], Any] | None, value: Any) -> None:
         log.exception("result callback %r failed", callback)
 
 
-def _bounded_entries(reply: Any) -> tuple[list[Entry], bool]:
-    """The script's flat reply as entries, and whether it stopped at a limit (see _READ_LUA)."""
-    raw = reply or (0,)
-    texts = [as_text(value) for value in raw]  # one pass; a nil (oversized) becomes ""
-    entries: list[Entry] = []
-    for i in range(1, len(raw) - _STRIDE + 1, _STRIDE):
-        if raw[i + 1] is None:
-            entries.append((texts[i], None))
-        else:
-            fields = dict(zip(RESULT_FIELDS, texts[i + 1 : i + _STRIDE], strict=True))
-            entries.append((texts[i], fields))
-    return entries, bool(int(raw[0]))
-
-
 async def read_result_entries(
     redis: aioredis.Redis, key: str, last_id: str, *, count: int = RESULT_READ_COUNT
 ) -> tuple[list[Entry], bool]:
     """One bounded catch-up read after ``last_id``: the entries, and whether there may be more."""
     reply = await redis.eval(
-        _READ_LUA, 1, key, last_id, count, RESULT_READ_BYTES, RESULT_ENTRY_LIMIT, _SCAN_BYTES
+        _READ_LUA, 1, key, last_id, count, RESULT_READ_BYTES, RESULT_ENTRY_LIMIT, SCAN_BYTES
     )
-    return _bounded_entries(reply)
+    return bounded_entries(reply, RESULT_FIELDS)
 
 
 def _xread_entries(response: Any) -> list[Entry]:
     """An XREAD reply's entries; one larger than RESULT_ENTRY_LIMIT is not decoded at all."""
-    entries: list[Entry] = []
-    for entry_id, raw in stream_pairs(response):
-        fields = raw or {}
-        if sum(len(name) + len(value) for name, value in fields.items()) > RESULT_ENTRY_LIMIT:
-            entries.append((as_text(entry_id), None))
-            continue
-        decoded = {as_text(name): value for name, value in fields.items()}
-        text = {name: as_text(decoded.get(name, "")) for name in RESULT_FIELDS}
-        entries.append((as_text(entry_id), text))
-    return entries
+    return checked_entries(response, RESULT_FIELDS, RESULT_ENTRY_LIMIT)
 
 
 class Collector:
@@ -376,9 +297,9 @@ class Collector:
 
     async def _catch_up(self) -> tuple[list[Entry], bool]:
         """One bounded read with the script: the entries, and whether there may be more."""
-        args = (self._last, RESULT_READ_COUNT, RESULT_READ_BYTES, RESULT_ENTRY_LIMIT, _SCAN_BYTES)
+        args = (self._last, RESULT_READ_COUNT, RESULT_READ_BYTES, RESULT_ENTRY_LIMIT, SCAN_BYTES)
         reply = await self._script(keys=[self._key], args=args)
-        return _bounded_entries(reply)
+        return bounded_entries(reply, RESULT_FIELDS)
 
     async def _take(self, entries: Iterable[Entry]) -> None:
         for entry_id, fields in entries:

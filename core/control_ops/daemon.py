@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -30,6 +30,7 @@ from core.control_ops.claims import (
     keep_until,
     marker_ttl_ms,
 )
+from core.control_ops.command_reader import CommandReader
 from core.control_ops.host_ops import (
     DEFAULT_PULL_TIMEOUT,
     HostOps,
@@ -65,7 +66,6 @@ from core.control_ops.wire import (
     cut_summary,
     read_block_seconds,
     result_fields,
-    stream_entries,
     verify_signature,
 )
 from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL, default_state_dir
@@ -84,11 +84,6 @@ __all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "Claim", "ControlDaemon", "backoff_del
 log = logging.getLogger("admin_ops.control_ops")
 
 T = TypeVar("T")
-
-# Commands handed over per XREADGROUP: a burst is read in one round trip.
-_READ_COUNT: Final = 16
-# Pending entries re-read per XREADGROUP after a reconnect.
-_PENDING_COUNT: Final = 100
 
 
 class ControlDaemon:
@@ -136,9 +131,7 @@ class ControlDaemon:
             raise ValueError("a shared secret is required (OPS_CONTROL_SECRET)")
         if not IDENTITY.fullmatch(identity):
             raise ValueError(f"invalid daemon identity {identity!r}")
-        self._redis = redis
-        self.identity = identity
-        self._secret = secret
+        self._redis, self.identity, self._secret = redis, identity, secret
         self._secrets = (secret, *secrets)
         self._keys = Keys(prefix)
         base = Path(state_dir) if state_dir is not None else default_state_dir(os.environ)
@@ -161,13 +154,14 @@ class ControlDaemon:
         # Behind Sentinel a reconnect asks the sentinels first: retrying often is cheap, and
         # it is what brings the daemon back soon after a failover (see SENTINEL_BACKOFF_CAP).
         self._backoff_cap = SENTINEL_BACKOFF_CAP if uses_sentinel(redis) else BACKOFF_CAP
-        self._stream = self._keys.commands
         # One group per identity, so every daemon sees every command; one consumer in it.
-        self._group = identity
+        self._stream, self._group = self._keys.commands, identity
         # A per-run token in the "started" marker: if our own SET NX reached Redis but its reply
         # was lost, reading the marker back tells us it is ours and not a previous run's.
         self._token = f"{STARTED_PREFIX}{uuid.uuid4().hex}"
         self._finish_script = redis.register_script(FINISH_LUA)
+        # Kept across reconnects: once it saw an oversized entry, it polls (command_reader).
+        self._reader = CommandReader(redis, self._stream, group=self._group, consumer=identity)
         self._unwritten: list[Finish] = []
         self._redis_up: bool | None = None
         self._waiting_for_work = False
@@ -290,15 +284,7 @@ class ControlDaemon:
     async def _handle_own_pending(self) -> None:
         """Answer what this identity was handed but never acknowledged (e.g. before a crash)."""
         last_id = "0"
-        while True:
-            response = await self._call(
-                self._redis.xreadgroup(
-                    self._group, self.identity, {self._stream: last_id}, count=_PENDING_COUNT
-                )
-            )
-            entries = stream_entries(response)
-            if not entries:
-                return
+        while entries := await self._call(self._reader.pending(last_id)):
             for entry_id, fields in entries:
                 await self._handle_entry_or_drop(entry_id, fields)
                 last_id = entry_id
@@ -309,19 +295,10 @@ class ControlDaemon:
         while True:
             self._waiting_for_work = True
             try:
-                response = await self._call(
-                    self._redis.xreadgroup(
-                        self._group,
-                        self.identity,
-                        {self._stream: ">"},
-                        count=_READ_COUNT,
-                        block=block_ms,
-                    ),
-                    timeout=read_timeout,
-                )
+                entries = await self._call(self._reader.new(block_ms), timeout=read_timeout)
             finally:
                 self._waiting_for_work = False
-            for entry_id, fields in stream_entries(response):
+            for entry_id, fields in entries:
                 await self._handle_entry_or_drop(entry_id, fields)
 
     async def _call(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
@@ -329,20 +306,28 @@ class ControlDaemon:
 
     # -- one command ----------------------------------------------------------------------------
 
-    async def _handle_entry_or_drop(self, entry_id: str, fields: dict[str, str]) -> None:
+    async def _handle_entry_or_drop(self, entry_id: str, fields: dict[str, str] | None) -> None:
         """Handle one entry; one that Redis itself refuses to process is dropped, not retried.
 
-        A ResponseError is the server's deterministic "no" (a wrong type at a key, an argument
-        out of range): retrying it would stall every later command behind it forever.
+        ``fields`` is None for an entry larger than COMMAND_ENTRY_LIMIT: it was never read, only
+        its id field (if short) is. A ResponseError is the server's deterministic "no" (a wrong
+        type at a key, an argument out of range): retrying it would stall every later command
+        behind it forever.
         """
         try:
-            await self._handle_entry(entry_id, fields)
+            if fields is None:
+                command_id = await self._call(self._reader.command_id(entry_id))
+                await self._handle_entry(entry_id, {"id": command_id}, oversized=True)
+            else:
+                await self._handle_entry(entry_id, fields)
         except ResponseError as exc:
             log.error("dropping stream entry %s: Redis refused to process it (%s)", entry_id, exc)
             self._unwritten = [f for f in self._unwritten if f.entry_id != entry_id]
             await self._call(self._redis.xack(self._stream, self._group, entry_id))
 
-    async def _handle_entry(self, entry_id: str, fields: dict[str, str]) -> None:
+    async def _handle_entry(
+        self, entry_id: str, fields: dict[str, str], *, oversized: bool = False
+    ) -> None:
         started = time.monotonic()
         command_id = fields.get("id", "")
         if not COMMAND_ID.fullmatch(command_id):
@@ -351,7 +336,7 @@ class ControlDaemon:
             await self._call(self._redis.xack(self._stream, self._group, entry_id))
             return
         try:
-            if sum(map(len, fields)) + sum(map(len, fields.values())) > COMMAND_ENTRY_LIMIT:
+            if oversized:
                 raise CommandRejected(
                     f"rejected: malformed command (larger than {COMMAND_ENTRY_LIMIT} bytes)"
                 )
