@@ -178,6 +178,8 @@ class FleetCommands:
         if fleet is None:
             return Outcome("failed", acted=live.sent_out, detail=detail)
         acted = any(result.ran for result in fleet.results.values())
+        if fleet.ok and not acted:  # every host skipped it: ok, but nothing ran anywhere
+            return Outcome("skipped", acted=False, detail=detail)
         return Outcome("ok" if fleet.ok else "failed", acted=acted, detail=detail)
 
 

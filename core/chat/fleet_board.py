@@ -146,7 +146,8 @@ class FleetBoard:
         tally = FleetTally.of_fleet(fleet)
         sentence = ok_sentence(tally, fleet.elapsed)
         if fleet.ok:
-            return f"✅ {sentence}"
+            # Every answer was ok, but if each host skipped it, nothing happened anywhere.
+            return f"{ICONS[HostStatus.SKIPPED] if tally.ran_nowhere else '✅'} {sentence}"
         parts = []
         if tally.failed:
             parts.append(f"{len(tally.failed)} failed: {self._listing(tally.failed)}")

@@ -96,6 +96,11 @@ class FleetTally:
         """Hosts that answered ok (ran or skipped); shown apart, see :func:`ok_sentence`."""
         return self.ran_ok + self.skipped
 
+    @property
+    def ran_nowhere(self) -> bool:
+        """Hosts skipped it and none ran it: however ok the answers, nothing happened."""
+        return self.skipped > 0 and self.ran_ok == 0
+
     def counts(self, *, finished: bool) -> list[tuple[HostStatus, int]]:
         """How many hosts have each status, in the order they are shown; zeros left out."""
         pending = HostStatus.SILENT if finished else HostStatus.WAITING
@@ -112,11 +117,15 @@ def ok_sentence(tally: FleetTally, elapsed: float) -> str:
     """The one line every presentation ends with: ``9/12 hosts ok in 30.0 s``.
 
     A skipped host (it answered ok without running: another service was already pulling) is
-    never counted as plainly ok: ``11 ok, 1 skipped of 12 hosts in 30.0 s``. When the master
-    had replicas and none confirmed it holds the command, the sentence says so: a failover may
-    have lost the command, which is what a silent host would then mean.
+    never counted as plainly ok: ``11 ok, 1 skipped of 12 hosts in 30.0 s``; when no host ran it
+    at all, the sentence says so first: ``0/2 hosts ran it: skipped on 2 in 1.2 s``. When the
+    master had replicas and none confirmed it holds the command, the sentence says so: a
+    failover may have lost the command, which is what a silent host would then mean.
     """
-    if tally.skipped:
+    if tally.ran_nowhere:
+        counted = f"0/{len(tally.hosts)} hosts ran it: skipped on {tally.skipped}"
+        sentence = f"{counted} in {elapsed:.1f} s"
+    elif tally.skipped:
         counted = f"{tally.ran_ok} ok, {tally.skipped} skipped of {len(tally.hosts)} hosts"
         sentence = f"{counted} in {elapsed:.1f} s"
     else:

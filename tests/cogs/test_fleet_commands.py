@@ -177,9 +177,12 @@ async def published_commands(client: aioredis.Redis, prefix: str) -> list[dict[s
 
 
 async def answer_in_one_burst(
-    url: str, prefix: str, hosts: Sequence[str], summary: Callable[[str], str]
+    url: str, prefix: str, hosts: Sequence[str], summary: Callable[[str], str], *, ran: bool = True
 ) -> None:
-    """Stand in for ``hosts``: wait for the next command, then answer for all of them at once."""
+    """Stand in for ``hosts``: wait for the next command, then answer for all of them at once.
+
+    Every answer is ok; ``ran=False``: each host skipped it (another service was pulling).
+    """
     client = aioredis.Redis.from_url(url, socket_timeout=DEADLINE + 5)
     try:
         reply = await client.xread({command_stream_key(prefix): "0"}, count=1, block=10_000)
@@ -189,7 +192,7 @@ async def answer_in_one_burst(
         pipe = client.pipeline(transaction=True)  # one MULTI: every answer lands together
         for host in hosts:
             # Signed, as a real daemon's answer is: the publisher believes nothing else.
-            answer = HostResult(host, ok=True, ran=True, summary=summary(host), duration=0.01)
+            answer = HostResult(host, ok=True, ran=ran, summary=summary(host), duration=0.01)
             signed = result_fields(
                 answer, command_id=command_id, secret=SECRET, command_sig=command_sig, prefix=prefix
             )
@@ -268,6 +271,33 @@ async def test_fleet_pull_fans_out_and_edits_one_message_live(
         only_reply(sent, again).content or "",
     )
     assert len(await published_commands(redis_client, key_prefix)) == 1
+
+
+async def test_a_pull_every_host_skipped_is_not_shown_as_ok(
+    harness: Harness,
+    fleet: Fleet,
+    redis_client: aioredis.Redis,
+    key_prefix: str,
+    sent: list[Sent],
+    edits: list[Edit],
+    caplog: pytest.LogCaptureFixture,
+):
+    hosts = ["web-1", "web-2"]
+    for host in hosts:
+        await fleet.ghost(host)
+    await fleet_cog(harness, redis_client, key_prefix)
+    skipped = "Skipped: another service on this host is already pulling"
+    answering = asyncio.create_task(
+        answer_in_one_burst(fleet.url, fleet.prefix, hosts, lambda _h: skipped, ran=False)
+    )
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER):
+        message = await harness.say("!fleet_pull")
+    await asyncio.wait_for(answering, DEADLINE)
+
+    final = final_text(sent, edits, message)
+    assert re.search(r"\n⏭️ 0/2 hosts ran it: skipped on 2 in \d+\.\d s$", final), final
+    assert "✅" not in final  # every answer was ok, and nothing ran anywhere
+    assert audit_outcomes(caplog) == [("fleet_pull", "skipped")]
 
 
 async def test_a_host_whose_pull_fails_is_marked_and_listed(

@@ -92,3 +92,20 @@ def test_a_skipped_pull_is_never_counted_as_plain_ok() -> None:
     everyone = {host: answer(host) for host in hosts}
     _whole, terminal, chat = footers(FleetResult("c", everyone, frozenset(), frozenset(hosts)))
     assert (terminal, chat) == ("12/12 hosts ok in 0.0 s", "✅ 12/12 hosts ok in 0.0 s")
+
+
+def test_a_command_every_host_skipped_says_nothing_ran() -> None:
+    hosts = frozenset({"web-1", "web-2"})
+    results = {host: answer(host, ran=False) for host in hosts}
+    fleet = FleetResult("c", results, frozenset(), hosts, elapsed=1.2)
+    assert fleet.ok  # nothing failed: every host answered ok
+    assert FleetTally.of_fleet(fleet).ran_nowhere
+    _whole, terminal, chat = footers(fleet)
+    assert terminal == "0/2 hosts ran it: skipped on 2 in 1.2 s"
+    assert chat == "⏭️ 0/2 hosts ran it: skipped on 2 in 1.2 s"
+
+    results["web-1"] = answer("web-1", ok=False)
+    failed = FleetResult("c", results, frozenset(), hosts, elapsed=1.2)
+    _whole, terminal, chat = footers(failed)
+    assert terminal == "0/2 hosts ran it: skipped on 1 in 1.2 s; failed: web-1"
+    assert chat == "❌ 1 failed: web-1 — 0/2 hosts ran it: skipped on 1 in 1.2 s"
