@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -52,6 +53,7 @@ __all__ = [
     "HeldCheckout",
     "PullOutcome",
     "PullResult",
+    "UnitRestartLock",
     "UnitResult",
     "UnitState",
     "as_text",
@@ -87,6 +89,7 @@ __all__ = [
     "systemctl_is_active",
     "systemctl_restart",
     "unit_restart_count",
+    "unit_restart_lock",
     "unit_started_ago",
     "unit_state",
     "validate_unit_name",
@@ -800,6 +803,101 @@ async def unit_started_ago(unit: str, timeout: float = 5.0) -> float | None:
         return None
     # systemd's monotonic timestamps are CLOCK_MONOTONIC microseconds, as time.monotonic().
     return max(time.monotonic() - int(text) / 1e6, 0.0)
+
+
+#: How long a restart waits for another process on this host to finish deciding about the same
+#: unit (:func:`unit_restart_lock`); it holds the lock for a ``systemctl show`` or two.
+RESTART_LOCK_TIMEOUT = 15.0
+# How often a waiting process tries the lock again: flock has no asynchronous wait, and a
+# blocking flock in a thread could not be cancelled.
+_LOCK_POLL = 0.01
+# The most of a lock file's content ever read: a wall-clock time as repr(float).
+_LOCK_READ_BYTES = 64
+# A reservation this far in the future is ignored (the clock was stepped back).
+_LOCK_FUTURE_SLACK = 30.0
+
+
+class UnitRestartLock:
+    """The host-wide lock on restarting one unit, held: and when a restart was last reserved.
+
+    The file holds the wall-clock time of the last reservation, so a restart requested
+    without waiting (``--no-block``: systemd's own timestamp moves only once the unit is back)
+    counts for every process from the moment it was decided.
+    """
+
+    def __init__(self, fd: int, clock: Callable[[], float]) -> None:
+        """Wrap an open, locked lock file."""
+        self._fd = fd
+        self._clock = clock
+        self._found = os.pread(fd, _LOCK_READ_BYTES, 0)
+
+    def reserved_ago(self) -> float | None:
+        """Seconds since a process on this host last reserved a restart of the unit, or None."""
+        text = os.pread(self._fd, _LOCK_READ_BYTES, 0).decode("ascii", "replace").strip()
+        try:
+            when = float(text)
+        except ValueError:
+            return None
+        ago = self._clock() - when
+        if not math.isfinite(ago) or ago < -_LOCK_FUTURE_SLACK:
+            return None  # not a time, or in the future: the clock was stepped back
+        return max(ago, 0.0)
+
+    def reserve(self) -> None:
+        """Record that this process restarts the unit now (before it asks systemd)."""
+        self._write(repr(self._clock()).encode())
+
+    def withdraw(self) -> None:
+        """Take back this holder's reservation: the restart did not happen after all."""
+        self._write(self._found)
+
+    def _write(self, data: bytes) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags, 0o600)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def unit_restart_lock(
+    lock_dir: str | os.PathLike[str],
+    unit: str,
+    *,
+    timeout: float = RESTART_LOCK_TIMEOUT,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[UnitRestartLock]:
+    """Hold the host-local lock on restarts of ``unit``: ``flock`` on a file in ``lock_dir``.
+
+    Every process that restarts units on this host (the bot, each control daemon) checks the
+    restart spacing and reserves the restart under this lock, so two of them can never both
+    pass the check for one unit: the second waits, then sees the first one's reservation.
+    The file is ``lock_dir/locks/restart-<unit>.lock``; the lock goes with the descriptor, so a
+    process that dies holding it frees it. Raises ``TimeoutError`` when another process holds
+    it for ``timeout`` seconds, and ``ValueError`` for a name that is not a unit.
+    """
+    name = validate_unit_name(unit)
+    fd = await asyncio.to_thread(_open_lock, Path(lock_dir) / "locks" / f"restart-{name}.lock")
+    try:
+        deadline = time.monotonic() + timeout
+        while not _try_lock(fd):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"another process on this host is restarting {name}")
+            await asyncio.sleep(_LOCK_POLL)  # a poll period (see _LOCK_POLL)
+        yield UnitRestartLock(fd, clock)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 async def systemctl_is_active(unit: str, timeout: float = 5.0) -> str:

@@ -84,7 +84,9 @@ class HostActions:
         self.admission = admission
         self.instance_id = instance_id
         self.in_process = in_process
-        self.spacing = spacing or RestartSpacing(settings.restart_min_interval)
+        self.spacing = spacing or RestartSpacing(
+            settings.restart_min_interval, lock_dir=settings.state_dir
+        )
         self.after_pull = after_pull
 
     # ------------------------------------------------------------------ !bot_pull
@@ -143,9 +145,9 @@ class HostActions:
         unit = self.settings.proxy_service
         if unit is None:
             return NotConfigured.missing(inv, ["OPS_PROXY_SERVICE"])
-        return Plan(
-            lambda inv: self.restart_proxy(inv, unit), guard=self.spacing.guard(unit, own=False)
-        )
+        # Checked again, reserved and requested under the host-wide lock on the unit.
+        action = self.spacing.locked(unit, lambda i: self.restart_proxy(i, unit), own=False)
+        return Plan(action, guard=self.spacing.guard(unit, own=False))
 
     async def restart_proxy(self, inv: Invocation, unit: str) -> Outcome:
         """Restart ``unit`` and wait for systemd's job."""

@@ -121,7 +121,9 @@ class SelfRestart:
         self.audit = audit
         self.replies = replies
         self.exit_process = exit_process
-        self.spacing = spacing or RestartSpacing(settings.restart_min_interval)
+        self.spacing = spacing or RestartSpacing(
+            settings.restart_min_interval, lock_dir=settings.state_dir
+        )
         self.rollbacks = rollbacks or RollbackNotices(settings)
 
     def configure(self, inv: Invocation) -> Plan | NotConfigured:
@@ -134,7 +136,9 @@ class SelfRestart:
             return Plan(self.restart_by_exit, guard=guard, prompt=prompt)
         if unit is None:
             return NotConfigured.missing(inv, ["OPS_BOT_SERVICE"])
-        return Plan(lambda inv: self.restart_by_systemd(inv, unit), guard=guard, prompt=prompt)
+        # Checked again, reserved and requested under the host-wide lock on the unit.
+        action = self.spacing.locked(unit, lambda i: self.restart_by_systemd(i, unit), own=True)
+        return Plan(action, guard=guard, prompt=prompt)
 
     async def restart_by_systemd(self, inv: Invocation, unit: str) -> Outcome:
         """Reply, leave the marker with the audit draft, then ask systemd (without waiting).

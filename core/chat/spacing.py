@@ -11,29 +11,54 @@ systemd), the bot's own unit falls back to this process's start time; the proxy'
 The check is the pipeline's last one before the action (a :data:`~core.chat.invocation.Guard`):
 after role, channel and configuration, so only someone who may run the command learns about
 the unit; and while the command is marked running, so two invocations cannot both pass it.
+Another process on the host (a control daemon) may restart the same unit: a restart reserved
+under the host-wide lock on the unit (:func:`core.ops_exec.unit_restart_lock`, in the state dir)
+by any process counts, and the action (:meth:`RestartSpacing.locked`) checks again under that
+lock, reserves its restart and holds the lock until the request is made. So the bot and a daemon
+never both restart a unit within the interval.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 
 from core.chat.admission import Refusal
-from core.chat.invocation import Guard, Invocation
+from core.chat.invocation import Action, Guard, Invocation, Outcome, Reply
 from core.chat.process import process_started_at
-from core.ops_exec import unit_started_ago
+from core.ops_exec import UnitRestartLock, unit_restart_lock, unit_started_ago
 from core.text import format_duration, inline_code
 
 __all__ = ["RestartSpacing"]
+
+log = logging.getLogger("cogs.admin_ops.spacing")
+
+
+def _refused(refusal: Refusal) -> Outcome:
+    """A refusal met by the action itself: nothing acted, the refusal's sentence as the answer."""
+    return Outcome(refusal.status, acted=False, reply=Reply(refusal.message))
 
 
 class RestartSpacing:
     """Refuse a restart of a unit that became active too recently."""
 
-    def __init__(self, interval: float, *, wall_clock: Callable[[], float] = time.time) -> None:
-        """At least ``interval`` seconds between two starts; ``wall_clock`` for the fallback."""
+    def __init__(
+        self,
+        interval: float,
+        *,
+        lock_dir: str | os.PathLike[str] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """At least ``interval`` seconds between two starts; ``wall_clock`` for the fallback.
+
+        ``lock_dir``: where the host-wide restart locks live (the state dir); None: no lock.
+        """
         self.interval = interval
+        self.lock_dir = lock_dir
         self.wall_clock = wall_clock
 
     def guard(self, unit: str | None, *, own: bool) -> Guard:
@@ -45,12 +70,84 @@ class RestartSpacing:
         return check
 
     async def check(self, inv: Invocation, unit: str | None, *, own: bool) -> Refusal | None:
-        """Why ``inv`` may not restart ``unit`` now, or None."""
+        """Why ``inv`` may not restart ``unit`` now, or None: the guard, before the action.
+
+        A restart reserved by another process on the host counts; nothing is reserved here
+        (see :meth:`locked`).
+        """
         if self.interval <= 0:
             return None
+        if unit is None or self.lock_dir is None:
+            return self._refusal(inv, unit, await self._started_ago(unit, own=own))
+        try:
+            async with unit_restart_lock(self.lock_dir, unit) as lock:
+                return await self._locked_check(inv, unit, lock, own=own)
+        except TimeoutError:
+            return self._busy(inv, unit)
+        except OSError as exc:
+            # An unusable state dir must not lock the operator out of restarts: checked as
+            # before the lock existed (systemd's timestamp still counts).
+            log.warning("restart lock of %s unavailable (%s): checking without it", unit, exc)
+            return self._refusal(inv, unit, await self._started_ago(unit, own=own))
+
+    def locked(self, unit: str, action: Action, *, own: bool) -> Action:
+        """``action`` under the host-wide lock on ``unit``, checked again and reserved there.
+
+        Between the guard and the action another process (a control daemon) may have passed
+        its own check: so the action checks again under the lock, reserves the restart before
+        it runs, holds the lock until it returns, and withdraws the reservation if it did not
+        act (systemctl refused, or it failed before asking). A cancellation keeps it: the
+        request may be out (systemd stops this process when it restarts the bot's unit).
+        """
+        if self.interval <= 0 or self.lock_dir is None:
+            return action
+        lock_dir = self.lock_dir
+
+        async def run(inv: Invocation) -> Outcome:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    lock = await stack.enter_async_context(unit_restart_lock(lock_dir, unit))
+                except TimeoutError:
+                    return _refused(self._busy(inv, unit))
+                except OSError as exc:
+                    log.warning("restart lock of %s unavailable (%s): restarting", unit, exc)
+                    return await action(inv)
+                refusal = await self._locked_check(inv, unit, lock, own=own)
+                if refusal is not None:
+                    return _refused(refusal)
+                lock.reserve()
+                try:
+                    outcome = await action(inv)
+                except Exception:
+                    lock.withdraw()
+                    raise
+                if not outcome.acted:
+                    lock.withdraw()
+                return outcome
+            raise AssertionError("unreachable")  # for mypy: the stack never swallows
+
+        return run
+
+    async def _locked_check(
+        self, inv: Invocation, unit: str, lock: UnitRestartLock, *, own: bool
+    ) -> Refusal | None:
+        ago = await self._started_ago(unit, own=own)
+        reserved = lock.reserved_ago()
+        if reserved is not None:
+            ago = reserved if ago is None else min(ago, reserved)
+        return self._refusal(inv, unit, ago)
+
+    def _busy(self, inv: Invocation, unit: str) -> Refusal:
+        what = inline_code(unit)
+        return Refusal("refused:running", f"{inv.shown} refused: {what} is being restarted.")
+
+    async def _started_ago(self, unit: str | None, *, own: bool) -> float | None:
         ago = await unit_started_ago(unit) if unit is not None else None
         if ago is None and own:
             ago = max(self.wall_clock() - process_started_at(), 0.0)
+        return ago
+
+    def _refusal(self, inv: Invocation, unit: str | None, ago: float | None) -> Refusal | None:
         if ago is None or ago >= self.interval:
             return None
         what = inline_code(unit) if unit is not None else "the bot"

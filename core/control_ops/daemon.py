@@ -148,7 +148,7 @@ class ControlDaemon:
             restart_units=restart_units, own_units=own_units, pull_timeout=pull_timeout,
             env_passthrough=env_passthrough, restart_delay=deferred_restart_delay,
             restart_min_interval=restart_min_interval, restarts=RestartRecord(self.state_dir),
-            secrets=self._secrets,
+            secrets=self._secrets, lock_dir=base,
         )  # fmt: skip
         self._block_seconds = read_block_seconds(redis)
         # Behind Sentinel a reconnect asks the sentinels first: retrying often is cheap, and

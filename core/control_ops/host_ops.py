@@ -22,11 +22,13 @@ from core.control_ops.wire import NOT_ALLOWED
 from core.env_reader import DEFAULT_RESTART_MIN_INTERVAL
 from core.names import DEFAULT_TARGET, target_name
 from core.ops_exec import (
+    UnitRestartLock,
     git_head,
     pull_checkout,
     pull_lock_ttl,
     request_restart,
     restart_unit,
+    unit_restart_lock,
     unit_started_ago,
     unit_state,
     validate_unit_name,
@@ -98,7 +100,10 @@ class HostOps:
 
     A unit restarted less than ``restart_min_interval`` seconds ago is not restarted again:
     systemd's last start of the unit counts (whoever caused it), and so do this daemon's own
-    restarts, recorded in ``restarts`` (deferred ones included) before systemctl runs.
+    restarts, recorded in ``restarts`` (deferred ones included) before systemctl runs. With
+    ``lock_dir``, the check and the record happen under the host-wide lock on the unit
+    (:func:`core.ops_exec.unit_restart_lock`) that the bot takes too, and a restart reserved
+    there by any process on the host counts as well: two processes never both pass the check.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class HostOps:
         restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL,
         restarts: RestartRecord | None = None,
         secrets: Iterable[str] = (),
+        lock_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Validate the allow-list; raise ValueError on a bad target name or unit."""
         self.identity = identity
@@ -128,6 +134,7 @@ class HostOps:
         self.restart_delay = restart_delay
         self.restart_min_interval = restart_min_interval
         self.restarts = restarts
+        self.lock_dir = lock_dir
         self.secrets = tuple(secrets)
         self.started_at = time.time()
         self._ops: dict[str, Callable[[tuple[str, ...]], Awaitable[Outcome]]] = {
@@ -236,12 +243,31 @@ class HostOps:
         """
         if self.restart_min_interval <= 0:
             return
+        if self.lock_dir is None:
+            await self._check_and_note(unit, None)
+            return
+        try:
+            async with unit_restart_lock(self.lock_dir, unit) as lock:
+                await self._check_and_note(unit, lock)
+        except TimeoutError as exc:
+            raise Refused(f"refused: {exc}") from None
+        except OSError as exc:
+            log.error("cannot take the restart lock of %s: %s", unit, exc)
+            reason = exc.strerror or str(exc)
+            raise Refused(f"failed: cannot take the restart lock on this host ({reason})") from None
+
+    async def _check_and_note(self, unit: str, lock: UnitRestartLock | None) -> None:
+        """Refuse if ``unit`` (re)started too recently by any count; else record this restart."""
         known = [await unit_started_ago(unit)]
         if self.restarts is not None:
             known.append(await asyncio.to_thread(self.restarts.seconds_since, unit))
+        if lock is not None:
+            known.append(lock.reserved_ago())
         ago = min((seconds for seconds in known if seconds is not None), default=None)
         if ago is not None and ago < self.restart_min_interval:
             raise Refused(f"refused: restarted {int(ago)} s ago")
+        if lock is not None:
+            lock.reserve()
         if self.restarts is not None:
             try:
                 await asyncio.to_thread(self.restarts.note, unit, self.restart_units)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -20,8 +22,10 @@ import redis.asyncio as aioredis
 
 import core.chat.spacing as chat_spacing
 from core.chat.floods import REPLY_INTERVAL
-from core.control_ops import command_stream_key
+from core.control_ops import command_stream_key, host_ops
+from core.control_ops.host_ops import HostOps, Refused
 from core.text import format_duration
+from tests.support import ROOT
 from tests.support.chat import (
     AUDIT_LOGGER,
     FakeClock,
@@ -220,6 +224,53 @@ async def test_exit_mode_counts_from_the_process_start(
         "`!bot_restart` refused: the bot restarted 30 s ago; try again in 30 s."
     )
     assert (harness.exits, closed) == ([], [])
+
+
+# Another process on the host (a control daemon) restarting the proxy: under the host-wide lock.
+RESERVE = """\
+import asyncio, sys
+from core.ops_exec import unit_restart_lock
+
+async def main() -> None:
+    async with unit_restart_lock(sys.argv[1], "proxy") as lock:
+        lock.reserve()
+
+asyncio.run(main())
+"""
+
+
+async def unit_started_never(unit: str, timeout: float = 5.0) -> float | None:
+    """Systemd cannot tell when a unit started: only the host-wide lock's record counts."""
+    return None
+
+
+async def test_the_bot_and_a_daemon_on_the_host_count_each_others_restarts(
+    harness: Harness, systemctl: SystemctlStub, monkeypatch: pytest.MonkeyPatch, sent: list[Sent]
+):
+    started(monkeypatch, {"proxy.service": None})  # systemd cannot tell: only the lock knows
+    subprocess.run(
+        [sys.executable, "-c", RESERVE, str(harness.state_dir)], cwd=ROOT, check=True, timeout=30
+    )
+    await harness.add_cog()
+    message = await harness.say("!proxy_restart")
+    assert only_reply(sent, message).content == (
+        "`!proxy_restart` refused: `proxy.service` restarted 0 s ago; "
+        f"try again in {format_duration(60, round_up=True)}."
+    )
+    assert systemctl.calls() == []
+
+    # And the other way round: a restart by the bot counts for a daemon sharing the state dir.
+    (harness.state_dir / "locks" / "restart-proxy.service.lock").unlink()
+    message = await harness.say("!proxy_restart", member=harness.admins[1])
+    assert only_reply(sent, message).content.startswith("✅ Restarted `proxy.service`")
+    monkeypatch.setattr(host_ops, "unit_started_ago", unit_started_never)
+    ops = HostOps(
+        identity="h", redis=None, pull_targets={}, restart_units=["proxy"],
+        lock_dir=harness.state_dir,
+    )  # fmt: skip
+    with pytest.raises(Refused, match=r"^refused: restarted 0 s ago$"):
+        await ops.run("restart", ("proxy",))
+    assert len(systemctl.calls()) == 1
 
 
 async def test_the_spacing_reveals_nothing_to_who_may_not_run_the_command(

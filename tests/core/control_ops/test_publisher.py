@@ -36,7 +36,13 @@ async def test_fan_out_each_daemon_runs_once_and_the_publisher_aggregates(
 ) -> None:
     record = install_systemctl_stand_in(tmp_path, monkeypatch)
     hosts = [f"host-{i}" for i in range(5)]
-    fleet = [make_daemon(new_client(), host, key_prefix, restart_units=["proxy"]) for host in hosts]
+    # Five hosts: each its own state dir (one shared dir is one host, which restarts a unit once).
+    fleet = [
+        make_daemon(
+            new_client(), host, key_prefix, restart_units=["proxy"], state_dir=tmp_path / host
+        )
+        for host in hosts
+    ]
     async with serving(*fleet):
         assert await alive_hosts(redis_client, prefix=key_prefix) == set(hosts)
         arrived: list[HostResult] = []
