@@ -483,13 +483,13 @@ def verify_result(
         raise Untrusted("bad host name")
     if not fields.get("sig"):
         raise Untrusted("unsigned")
-    answered = fields.get("command_sig", "")
-    if command_sig is not None and answered != command_sig:
-        # Checked before the signature: a real answer to a forged entry is signed, but it is
-        # not an answer to this command.
-        raise Untrusted("answer to a forged command" if not answered else "answer to another entry")
     if not same_signature(sign_result(command_id, fields, secret, prefix), fields["sig"]):
         raise Untrusted("bad signature")
+    answered = fields.get("command_sig", "")
+    if command_sig is not None and answered != command_sig:
+        # Signed by a host, but not an answer to this command entry: its answer to a forged
+        # entry that reused the id (empty), or to another entry with the same id.
+        raise Untrusted("answer to a forged command" if not answered else "answer to another entry")
     return _result(fields, host)
 
 
