@@ -51,6 +51,16 @@ def shown(ctx: commands.Context[Any], command: str) -> str:
     return f"`{ctx.clean_prefix}{command}`"
 
 
+def _defer_delay(interaction: discord.Interaction[Any]) -> float:
+    """Seconds until :data:`DEFER_AFTER` after Discord created ``interaction`` (clock skew aside).
+
+    Discord counts its 3 s from the interaction's creation, so the time it spent reaching the
+    bot is already gone; a clock behind Discord's cannot stretch the wait past DEFER_AFTER.
+    """
+    age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
+    return min(DEFER_AFTER, max(0.0, DEFER_AFTER - age))
+
+
 class Replies:
     """Send, reply, edit and show "typing…" for the cog, with redaction always applied."""
 
@@ -191,6 +201,8 @@ class Replies:
                     response = await interaction.response.send_message(content, **kwargs)
                     message = response.resource
                     return message if isinstance(message, discord.Message) else None
+                if private:
+                    await self._clear_thinking(interaction)
             return await interaction.followup.send(content, wait=True, **kwargs)
         except (_Expired, discord.NotFound) as exc:
             if isinstance(exc, discord.NotFound) and exc.code not in _GONE:
@@ -203,6 +215,20 @@ class Replies:
         except (*SEND_ERRORS, discord.InteractionResponded) as exc:
             log.warning("cannot answer interaction %s: %s", interaction.id, exc)
             return None
+
+    async def _clear_thinking(self, interaction: discord.Interaction[Any]) -> None:
+        """Delete a deferral's visible "thinking…" so a private answer can follow it.
+
+        The first follow-up after a deferral takes the deferral's place, and its visibility;
+        once that message is gone, a follow-up is a message of its own and can be private.
+        """
+        deferred = discord.InteractionResponseType.deferred_channel_message
+        if interaction.response.type is not deferred:
+            return
+        try:
+            await interaction.delete_original_response()
+        except SEND_ERRORS as exc:
+            log.info("cannot clear the deferral of interaction %s: %s", interaction.id, exc)
 
     async def acknowledge(self, ctx: commands.Context[Any]) -> None:
         """Tell Discord a slash command is being worked on ("thinking…"), within its 3 s.
@@ -240,15 +266,20 @@ class Replies:
         if ctx.interaction is None:
             yield
             return
-        watchdog = asyncio.create_task(self._defer_later(ctx), name="admin-ops: 3 s watchdog")
+        interaction = ctx.interaction
+        watchdog = asyncio.create_task(
+            self._defer_later(ctx, _defer_delay(interaction)), name="admin-ops: 3 s watchdog"
+        )
         try:
             yield
         finally:
             watchdog.cancel()
 
-    async def _defer_later(self, ctx: commands.Context[Any]) -> None:
-        await asyncio.sleep(DEFER_AFTER)  # Discord's deadline, not a synchronisation
-        await self.acknowledge(ctx)
+    async def _defer_later(self, ctx: commands.Context[Any], delay: float) -> None:
+        await asyncio.sleep(delay)  # Discord's deadline, not a synchronisation
+        # Shielded: a deferral cut off mid-request may have reached Discord while discord.py
+        # never learnt it, and the answer would then be refused as a second response.
+        await asyncio.shield(self.acknowledge(ctx))
 
     async def send_live(self, ctx: commands.Context[Any], content: str) -> discord.Message | None:
         """Reply with text rendered for a live message (already within the limit).

@@ -108,6 +108,10 @@ class FakeDiscord:
         self.requests: list[Recorded] = []
         self.commands: dict[int | None, list[dict[str, Any]]] = {None: []}
         self.interactions: dict[str, InteractionState] = {}
+        #: Seconds after an interaction's creation (its snowflake's time) past which its first
+        #: callback is refused with 10062, as Discord does after 3 s; None: no limit (a loaded
+        #: test machine must not fail other tests on Discord's clock).
+        self.answer_within: float | None = None
         self._changed = asyncio.Condition()
         self.gateway = Gateway(
             GatewayWorld(
@@ -621,6 +625,9 @@ class FakeDiscord:
         state = self._interaction(record)
         if state.callback_type is not None:
             raise DiscordError(400, "Interaction has already been acknowledged.", 40060)
+        if self.answer_within is not None and p.snowflake_age(state.id) > self.answer_within:
+            state.expired = True  # Discord forgets it: its webhook is gone too
+            raise DiscordError(404, "Unknown interaction", 10062)
         kind = int(record.json.get("type", 0)) if isinstance(record.json, dict) else 0
         state.callback_type = kind
         answer: dict[str, Any] = {"interaction": {"id": str(state.id), "type": kind}}
@@ -657,9 +664,11 @@ class FakeDiscord:
         state = self._interaction(record)
         if state.callback_type is None:
             raise DiscordError(404, "Unknown Webhook", 10015)  # a follow-up needs a response first
-        if state.callback_type == DEFERRED_CHANNEL_MESSAGE and not state.filled:
+        original_kept = state.original_id in self.messages
+        if state.callback_type == DEFERRED_CHANNEL_MESSAGE and not state.filled and original_kept:
             # As Discord does: the first follow-up after "thinking…" becomes that message,
-            # visible to whom the deferral said (its ephemeral flag wins).
+            # visible to whom the deferral said (its ephemeral flag wins). Once the "thinking…"
+            # was deleted, a follow-up is a message of its own (discord-api-docs#2739).
             state.filled = True
             original = self._stored(state.original_id or 0)
             body = {k: v for k, v in record.body.items() if k != "flags"}

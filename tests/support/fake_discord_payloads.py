@@ -34,6 +34,11 @@ AUTOCOMPLETE = 4
 GUILD_TEXT = 0
 
 
+def snowflake_age(snowflake: int) -> float:
+    """Seconds since the time inside ``snowflake`` (when Discord created what it names)."""
+    return time.time() - ((snowflake >> 22) + DISCORD_EPOCH_MS) / 1000
+
+
 class Snowflakes:
     """New IDs in Discord's format (time since its epoch, then a counter), always increasing.
 
