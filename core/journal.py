@@ -112,14 +112,23 @@ async def read_journal(unit: str, lines: int, *, timeout: float = JOURNAL_TIMEOU
         result = await run_exec(argv, env=_journal_env(), timeout=remaining, max_output=MAX_OUTPUT)
         if not result.truncated or result.timed_out or result.returncode != 0:
             break
-        lines = max(1, min(lines - 1, _complete_lines(result.stdout)))
+        lines = max(1, min(lines - 1, _complete_entries(result.stdout)))
     return _tail(unit, result, timeout, cut=lines < asked)
 
 
-def _complete_lines(cut: str) -> int:
-    """Journal lines wholly inside output cut at MAX_OUTPUT (its marker and last line are not)."""
+def _complete_entries(cut: str) -> int:
+    """Journal entries wholly inside output cut at MAX_OUTPUT.
+
+    ``-n`` counts entries, and an entry of several lines prints its later lines indented, so
+    only lines that start an entry count; the last one started may be cut, so it does not.
+    """
     body = cut.rsplit("\n[… ", 1)[0]
-    return max(0, body.count("\n"))
+    return max(0, sum(1 for line in body.splitlines() if _starts_entry(line)) - 1)
+
+
+def _starts_entry(line: str) -> bool:
+    """Whether ``line`` of short-iso output begins an entry (not a continuation, not "-- …")."""
+    return bool(line) and not line[0].isspace() and not line.startswith("-- ")
 
 
 def _tail(unit: str, result: ExecResult, timeout: float, *, cut: bool) -> JournalTail:
@@ -134,7 +143,7 @@ def _tail(unit: str, result: ExecResult, timeout: float, *, cut: bool) -> Journa
     shown = [line for line in result.stdout.splitlines() if line.strip()]
     # journalctl exits 0 and prints "-- No entries --" when it may read nothing of the unit,
     # and only a hint on stderr when it may not read the system journal at all.
-    entries = [line for line in shown if not line.startswith("-- ")]
+    entries = [line for line in shown if _starts_entry(line)]
     hint = result.stderr.strip()
     if not entries:
         summary = f"no journal lines for {validate_unit_name(unit)}"

@@ -130,6 +130,38 @@ async def test_newest_lines_are_shown_when_the_asked_ones_do_not_fit(
     assert tail.summary == f"{asked[-1]} lines"
 
 
+#: 5000 entries of four lines each (a traceback's worth): ``-n N`` prints the newest N entries.
+MULTI_LINE_JOURNALCTL = """
+import sys
+n = int(sys.argv[sys.argv.index("-n") + 1])
+for k in range(5000 - n, 5000):
+    print(f"2024-05-01T12:00:00+0000 web-1 proxy[42]: entry {k} " + "x" * 100)
+    for part in range(3):
+        print(f"                                              continued {k}.{part} " + "y" * 100)
+"""
+
+
+async def test_the_newest_entries_are_shown_when_entries_span_several_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-n`` counts entries, not lines: the retry asks for as many entries as fitted."""
+    script = write_script(
+        tmp_path / "journalctl", MULTI_LINE_JOURNALCTL, interpreter=sys.executable
+    )
+    monkeypatch.setenv("OPS_JOURNALCTL", str(script))
+
+    tail = await read_journal("proxy.service", 2000)
+
+    shown = tail.text.splitlines()
+    assert shown[-4].startswith("2024-05-01T12:00:00+0000 web-1 proxy[42]: entry 4999 ")
+    assert shown[-1].strip().startswith("continued 4999.2 ")
+    assert "truncated]" not in tail.text
+    assert tail.truncated
+    starts = [line for line in shown if not line[0].isspace()]
+    assert tail.summary == f"{len(starts)} lines"
+    assert len(shown) == 4 * len(starts)  # whole entries only
+
+
 async def test_no_entries_is_said_with_journalctls_hint(journalctl: Path) -> None:
     hint = "Hint: You are currently not seeing messages from other users and the system."
     answer(journalctl, out="-- No entries --\n", err=hint + "\n")
