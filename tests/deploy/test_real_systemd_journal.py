@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ ExecStart=/bin/sh -c 'echo "{marker} first"; echo "{marker} second"'
 """
 
 
+#: Seconds a ``journalctl --sync`` may keep being refused while journald starts.
+SYNC_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class Journal:
     """journald running in the private systemd, with the shipped tmpfiles.d file applied."""
@@ -92,9 +97,20 @@ class Journal:
         return unit, marker
 
     def sync(self) -> None:
-        """Until journald has written everything it was sent, in both namespaces."""
+        """Until journald has written everything it was sent, in both namespaces.
+
+        The namespace's journald is started on demand by its sockets; its varlink socket was
+        seen to refuse a connection at first under load (a start-up race inside systemd, not
+        something ``!ops_logs`` uses), so a refused ``--sync`` is asked again, within a bound.
+        """
         for namespace in ((), (f"--namespace={NAMESPACE}",)):
-            self.systemd.run("journalctl", *namespace, "--sync", check=True)
+            deadline = time.monotonic() + SYNC_TIMEOUT
+            while True:
+                done = self.systemd.run("journalctl", *namespace, "--sync")
+                if done.returncode == 0:
+                    break
+                assert time.monotonic() < deadline, f"journalctl --sync: {done.stderr}"
+                time.sleep(0.1)  # a retry period, bounded by the deadline
 
     def as_root(self, *args: str) -> str:
         return self.systemd.run("journalctl", "--no-pager", *args, check=True).stdout
