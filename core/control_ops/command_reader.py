@@ -9,6 +9,10 @@ than COMMAND_ENTRY_LIMIT as its id alone, never decoded); only the wait for new 
 has brought an oversized entry, this reader never blocks again: it polls with the script every
 POLL_INTERVAL seconds. So the most an attacker's large entries cost a daemon is one entry read
 whole (not decoded), once per process.
+
+A burst is read one entry per blocking read (it returns at once while entries wait): commands
+are rare, and a catch-up read after each one would cost every host one more round trip per
+command, which the fan-out pays for as a whole (``bench/fleet_fanout.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,6 @@ class CommandReader:
         self._group = group
         self._consumer = consumer
         self._script = redis.register_script(_READ_LUA)
-        self._catching_up = False
         #: Whether this reader stopped blocking (it saw an oversized entry): it polls instead.
         self.polling = False
 
@@ -73,9 +76,9 @@ class CommandReader:
 
         Returns an empty list when the wait (or a poll period) ended without work.
         """
-        if self._catching_up or self.polling:
-            entries, self._catching_up = await self._read(">", NEW_COUNT)
-            if not entries and self.polling:
+        if self.polling:
+            entries, _more = await self._read(">", NEW_COUNT)
+            if not entries:
                 await asyncio.sleep(POLL_INTERVAL)  # a poll period
             return entries
         response = await self._redis.xreadgroup(
@@ -86,8 +89,6 @@ class CommandReader:
             # A blocking read hands over whole entries; an attacker's may be huge: stop using them.
             log.warning("command stream %s holds oversized entries: polling it", self._stream)
             self.polling = True
-        # More may have arrived with it: read on with the script before blocking again.
-        self._catching_up = bool(entries)
         return entries
 
     async def command_id(self, entry_id: str) -> str:
