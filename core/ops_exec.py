@@ -56,6 +56,7 @@ __all__ = [
     "UnitRestartLock",
     "UnitResult",
     "UnitState",
+    "UnsafeLockError",
     "as_text",
     "atomic_write_json",
     "bounded",
@@ -811,10 +812,25 @@ RESTART_LOCK_TIMEOUT = 15.0
 # How often a waiting process tries the lock again: flock has no asynchronous wait, and a
 # blocking flock in a thread could not be cancelled.
 _LOCK_POLL = 0.01
-# The most of a lock file's content ever read: a wall-clock time as repr(float).
+# The most of a lock file's content ever read: a wall-clock time as repr(float). Another user
+# may write the file (a shared lock dir): more than this is not a time.
 _LOCK_READ_BYTES = 64
+# What a reservation looks like (repr of time.time()); anything else is ignored.
+_RESERVATION = re.compile(rb"[0-9]{1,16}(?:\.[0-9]{1,17})?")
 # A reservation this far in the future is ignored (the clock was stepped back).
 _LOCK_FUTURE_SLACK = 30.0
+# Modes of what unit_restart_lock creates: private to the process's user, or, in a
+# group-shared lock dir (setgid, group-writable), shared with its group.
+_PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600
+_SHARED_DIR, _SHARED_FILE = 0o2770, 0o660
+
+
+class UnsafeLockError(OSError):
+    """A restart lock path that must not be used; the restart is refused rather than unlocked.
+
+    Not a directory (or a regular file with one link), a symlink, or writable by others: anyone
+    could then redirect what this process writes, or hold or forge reservations.
+    """
 
 
 class UnitRestartLock:
@@ -822,23 +838,27 @@ class UnitRestartLock:
 
     The file holds the wall-clock time of the last reservation, so a restart requested
     without waiting (``--no-block``: systemd's own timestamp moves only once the unit is back)
-    counts for every process from the moment it was decided.
+    counts for every process from the moment it was decided. In a shared lock dir another
+    user writes it too: what is read is bounded and must look like a time.
     """
 
-    def __init__(self, fd: int, clock: Callable[[], float]) -> None:
-        """Wrap an open, locked lock file."""
+    def __init__(self, fd: int, clock: Callable[[], float], path: str = "") -> None:
+        """Wrap an open, locked lock file (``path``: its name, for the log)."""
         self._fd = fd
         self._clock = clock
-        self._found = os.pread(fd, _LOCK_READ_BYTES, 0)
+        self._path = path
+        found = self._read()
+        self._found = b"" if found is None else found
 
     def reserved_ago(self) -> float | None:
         """Seconds since a process on this host last reserved a restart of the unit, or None."""
-        text = os.pread(self._fd, _LOCK_READ_BYTES, 0).decode("ascii", "replace").strip()
-        try:
-            when = float(text)
-        except ValueError:
+        found = self._read()
+        if found is None:
+            log.warning("restart lock %s holds no time: ignored", self._path)
             return None
-        ago = self._clock() - when
+        if not found:
+            return None
+        ago = self._clock() - float(found)
         if not math.isfinite(ago) or ago < -_LOCK_FUTURE_SLACK:
             return None  # not a time, or in the future: the clock was stepped back
         return max(ago, 0.0)
@@ -851,15 +871,107 @@ class UnitRestartLock:
         """Take back this holder's reservation: the restart did not happen after all."""
         self._write(self._found)
 
+    def _read(self) -> bytes | None:
+        """The reservation as written (``b""``: none), or None when it is not a time."""
+        raw = os.pread(self._fd, _LOCK_READ_BYTES + 1, 0)
+        text = raw.strip()
+        if not text:
+            return b""
+        if len(raw) > _LOCK_READ_BYTES or _RESERVATION.fullmatch(text) is None:
+            return None
+        return text
+
     def _write(self, data: bytes) -> None:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
 
 
-def _open_lock(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(path, flags, 0o600)
+def _unsafe(path: Path, why: str) -> UnsafeLockError:
+    return UnsafeLockError(errno.EPERM, f"unsafe restart lock path: {why}", str(path))
+
+
+def _check_safe(fd: int, path: Path, *, directory: bool) -> os.stat_result:
+    """Refuse what is not a directory (or a regular file with one link), or is o+w."""
+    info = os.fstat(fd)
+    if directory and not stat.S_ISDIR(info.st_mode):
+        raise _unsafe(path, "not a directory")
+    if not directory and (not stat.S_ISREG(info.st_mode) or info.st_nlink != 1):
+        # A hard link would make this process write the linked file's content.
+        raise _unsafe(path, "not a regular file with a single link")
+    if info.st_mode & stat.S_IWOTH:
+        raise _unsafe(path, "writable by others")
+    return info
+
+
+def _open_nofollow(path: Path, name: str, flags: int, dir_fd: int) -> int:
+    """``openat`` that never follows a symlink in ``name``; ELOOP becomes UnsafeLockError."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _unsafe(path / name, "a symbolic link or not a directory") from None
+        raise
+
+
+def _open_locks_dir(top: int, path: Path, shared: bool) -> int:
+    """``locks`` in the lock dir: created private, or in a shared dir 2770 (the dir's group)."""
+    try:
+        os.mkdir("locks", _SHARED_DIR if shared else _PRIVATE_DIR, dir_fd=top)
+        created = True
+    except FileExistsError:
+        created = False
+    fd = _open_nofollow(path, "locks", os.O_RDONLY | os.O_DIRECTORY, top)
+    try:
+        if created and shared:
+            os.fchmod(fd, _SHARED_DIR)  # the umask may have taken the group's bits
+        _check_safe(fd, path / "locks", directory=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_lock_file(locks: int, path: Path, name: str, shared: bool) -> int:
+    """The lock file, created 0600 (0660 when shared); only a regular file is opened."""
+    # O_NONBLOCK: a FIFO planted in its place is opened without waiting, then refused.
+    flags = os.O_RDWR | os.O_NONBLOCK
+    try:
+        fd = os.open(
+            name,
+            flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            _SHARED_FILE if shared else _PRIVATE_FILE,
+            dir_fd=locks,
+        )
+        created = True
+    except FileExistsError:
+        fd, created = _open_nofollow(path, name, flags, locks), False
+    try:
+        if created and shared:
+            os.fchmod(fd, _SHARED_FILE)  # the umask may have taken the group's bits
+        _check_safe(fd, path / name, directory=False)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_shared(info: os.stat_result) -> bool:
+    """A lock dir that hands its group down (setgid) and lets the group write."""
+    return bool(info.st_mode & stat.S_ISGID) and info.st_mode & 0o070 == 0o070
+
+
+def _open_lock(lock_dir: Path, name: str) -> int:
+    lock_dir.mkdir(parents=True, exist_ok=True, mode=_PRIVATE_DIR)
+    top = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        shared = _is_shared(_check_safe(top, lock_dir, directory=True))
+        locks = _open_locks_dir(top, lock_dir, shared)
+    finally:
+        os.close(top)
+    try:
+        return _open_lock_file(locks, lock_dir / "locks", f"restart-{name}.lock", shared)
+    finally:
+        os.close(locks)
 
 
 def _try_lock(fd: int) -> bool:
@@ -886,16 +998,24 @@ async def unit_restart_lock(
     The file is ``lock_dir/locks/restart-<unit>.lock``; the lock goes with the descriptor, so a
     process that dies holding it frees it. Raises ``TimeoutError`` when another process holds
     it for ``timeout`` seconds, and ``ValueError`` for a name that is not a unit.
+
+    ``lock_dir`` may be shared by two users of one group (``OPS_LOCK_DIR``, deployed as
+    ``/run/admin-ops``, mode 2770): when it is setgid and group-writable, ``locks`` is created
+    2770 and the lock files 0660, so the other user can lock them too. ``locks`` and the file
+    are opened relative to the directory, never through a symlink; a path that is not a
+    directory or a regular file, or is writable by others (``lock_dir`` included), raises
+    :class:`UnsafeLockError`: the callers refuse the restart rather than run it unlocked.
     """
     name = validate_unit_name(unit)
-    fd = await asyncio.to_thread(_open_lock, Path(lock_dir) / "locks" / f"restart-{name}.lock")
+    path = Path(lock_dir) / "locks" / f"restart-{name}.lock"
+    fd = await asyncio.to_thread(_open_lock, Path(lock_dir), name)
     try:
         deadline = time.monotonic() + timeout
         while not _try_lock(fd):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"another process on this host is restarting {name}")
             await asyncio.sleep(_LOCK_POLL)  # a poll period (see _LOCK_POLL)
-        yield UnitRestartLock(fd, clock)
+        yield UnitRestartLock(fd, clock, str(path))
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 

@@ -8,14 +8,17 @@ reservation. Synchronisation is by files the child writes, with bounded waits.
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from core.ops_exec import unit_restart_lock
+from core.ops_exec import UnsafeLockError, unit_restart_lock
 from tests.support import ROOT
 
 DEADLINE = 10.0
@@ -84,3 +87,138 @@ async def test_a_reservation_from_the_future_or_junk_is_not_believed(tmp_path: P
     with pytest.raises(ValueError, match="unit"):
         async with unit_restart_lock(tmp_path, "../etc/passwd"):
             pass
+
+
+# --- a lock dir shared by two users of one group (OPS_LOCK_DIR, deployed as /run/admin-ops) ---
+
+#: A group the shared dir hands down when the tests run as root (else the user's own group).
+OTHER_GID = 61_999
+
+
+def shared_dir(path: Path) -> Path:
+    """A lock dir as deploy/tmpfiles.d makes it: setgid, group-writable, nothing for others."""
+    path.mkdir()
+    if os.geteuid() == 0:
+        os.chown(path, -1, OTHER_GID)  # a group of its own, handed down by the setgid bit
+    path.chmod(0o2770)
+    return path
+
+
+@pytest.fixture
+def tight_umask() -> Iterator[None]:
+    """A umask that would take the group's bits: what is shared must be set explicitly."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.usefixtures("tight_umask")
+async def test_in_a_shared_dir_the_group_may_use_the_lock(tmp_path: Path) -> None:
+    lock_dir = shared_dir(tmp_path / "run-admin-ops")
+    async with unit_restart_lock(lock_dir, "proxy") as lock:
+        lock.reserve()
+    locks, file = lock_dir / "locks", lock_dir / "locks" / "restart-proxy.service.lock"
+    assert stat.S_IMODE(locks.stat().st_mode) == 0o2770
+    assert stat.S_IMODE(file.stat().st_mode) == 0o660
+    assert file.stat().st_gid == locks.stat().st_gid == lock_dir.stat().st_gid
+
+
+@pytest.mark.usefixtures("tight_umask")
+async def test_a_private_dir_keeps_the_lock_private(tmp_path: Path) -> None:
+    tmp_path.chmod(0o770)  # group-writable but not setgid: not shared
+    async with unit_restart_lock(tmp_path, "proxy"):
+        pass
+    assert stat.S_IMODE((tmp_path / "locks").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "locks" / "restart-proxy.service.lock").stat().st_mode) == 0o600
+
+
+def plant_symlink(locks: Path, target: Path) -> None:
+    locks.mkdir(mode=0o2770, exist_ok=True)
+    (locks / "restart-proxy.service.lock").symlink_to(target)
+
+
+def plant_fifo(locks: Path, _target: Path) -> None:
+    locks.mkdir(mode=0o2770, exist_ok=True)
+    os.mkfifo(locks / "restart-proxy.service.lock")
+
+
+def plant_hard_link(locks: Path, target: Path) -> None:
+    locks.mkdir(mode=0o2770, exist_ok=True)
+    os.link(target, locks / "restart-proxy.service.lock")
+
+
+def plant_world_writable(locks: Path, _target: Path) -> None:
+    locks.mkdir(mode=0o2770, exist_ok=True)
+    file = locks / "restart-proxy.service.lock"
+    file.write_text("")
+    file.chmod(0o666)
+
+
+def plant_locks_symlink(locks: Path, target: Path) -> None:
+    locks.symlink_to(target.parent)  # the "locks" directory itself points elsewhere
+
+
+def plant_world_writable_locks(locks: Path, _target: Path) -> None:
+    locks.mkdir()
+    locks.chmod(0o777)
+
+
+@pytest.mark.parametrize(
+    ("plant", "why"),
+    [
+        (plant_symlink, "a symbolic link"),
+        (plant_fifo, "not a regular file"),
+        (plant_hard_link, "not a regular file with a single link"),
+        (plant_world_writable, "writable by others"),
+        (plant_locks_symlink, "a symbolic link"),
+        (plant_world_writable_locks, "writable by others"),
+    ],
+)
+async def test_an_unsafe_lock_path_is_refused_and_nothing_is_written(
+    tmp_path: Path, plant: Callable[[Path, Path], None], why: str
+) -> None:
+    """What another member of the group (or anyone, once o+w) could have planted is not used."""
+    lock_dir = shared_dir(tmp_path / "shared")
+    victim = tmp_path / "elsewhere" / "restart-proxy.service.lock"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    plant(lock_dir / "locks", victim)
+
+    with pytest.raises(UnsafeLockError, match=why) as raised:
+        async with unit_restart_lock(lock_dir, "proxy", timeout=0.05) as lock:
+            lock.reserve()
+
+    assert raised.value.filename is not None
+    assert str(lock_dir) in raised.value.filename
+    assert victim.read_text() == "precious"
+
+
+async def test_a_lock_dir_writable_by_others_is_refused(tmp_path: Path) -> None:
+    """OPS_LOCK_DIR=/tmp, say: anyone could have made ``locks`` theirs first."""
+    lock_dir = tmp_path / "tmp"
+    lock_dir.mkdir()
+    lock_dir.chmod(0o1777)
+    with pytest.raises(UnsafeLockError, match="writable by others"):
+        async with unit_restart_lock(lock_dir, "proxy", timeout=0.05):
+            pass
+    assert not (lock_dir / "locks").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"1e9", b"inf", b"-5", b"0x10", b"1" * 65, b"999999.5 junk", b"\xff\xfe", b"1_000.0"],
+)
+async def test_a_reservation_that_is_not_a_time_is_ignored(tmp_path: Path, content: bytes) -> None:
+    """Another user writes the file: only a bounded, plain decimal time is believed."""
+    async with unit_restart_lock(tmp_path, "proxy"):
+        pass
+    (tmp_path / "locks" / "restart-proxy.service.lock").write_bytes(content)
+    async with unit_restart_lock(tmp_path, "proxy", clock=lambda: 1_000_000.0) as lock:
+        assert lock.reserved_ago() is None
+        lock.withdraw()  # nothing valid was found: withdrawing leaves no reservation
+    assert (tmp_path / "locks" / "restart-proxy.service.lock").read_bytes() == b""
+    (tmp_path / "locks" / "restart-proxy.service.lock").write_bytes(b" 999990.25\n")
+    async with unit_restart_lock(tmp_path, "proxy", clock=lambda: 1_000_000.0) as lock:
+        assert lock.reserved_ago() == 9.75
