@@ -13,12 +13,11 @@ What it returns is not redacted: the chat layer redacts everything it shows.
 from __future__ import annotations
 
 import os
-import shlex
 import time
 from collections.abc import Mapping
 from typing import Final, NamedTuple
 
-from core.ops_exec import ExecResult, run_exec, validate_unit_name
+from core.ops_exec import ExecResult, program_argv, run_exec, validate_unit_name
 
 __all__ = [
     "DEFAULT_LINES",
@@ -52,12 +51,7 @@ def journalctl_argv(environ: Mapping[str, str] | None = None) -> list[str]:
     Read from ``environ`` (default ``os.environ``) at each call. Raises ValueError with a
     one-line reason when ``$OPS_JOURNALCTL`` cannot be split.
     """
-    configured = (os.environ if environ is None else environ).get("OPS_JOURNALCTL", "").strip()
-    try:
-        argv = shlex.split(configured) if configured else ["journalctl"]
-    except ValueError as exc:
-        raise ValueError(f"OPS_JOURNALCTL cannot be split like a shell would: {exc}") from None
-    return argv or ["journalctl"]
+    return program_argv("OPS_JOURNALCTL", "journalctl", environ)
 
 
 def journal_argv(unit: str, lines: int, environ: Mapping[str, str] | None = None) -> list[str]:

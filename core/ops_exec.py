@@ -69,6 +69,7 @@ __all__ = [
     "git_read",
     "git_upstream",
     "locked_checkout",
+    "program_argv",
     "pull_checkout",
     "pull_lock_key",
     "pull_lock_ttl",
@@ -637,18 +638,29 @@ def _unit_shape_problem(full: str) -> str:
     return ""
 
 
+def program_argv(
+    variable: str, default: str, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """A program named by a setting (``$OPS_SYSTEMCTL``…), split like a shell would, or ``default``.
+
+    Read from ``environ`` (default ``os.environ``) at each call. Raises ValueError with a
+    one-line reason when the value cannot be split.
+    """
+    configured = (os.environ if environ is None else environ).get(variable, "").strip()
+    try:
+        argv = shlex.split(configured) if configured else [default]
+    except ValueError as exc:
+        raise ValueError(f"{variable} cannot be split like a shell would: {exc}") from None
+    return argv or [default]
+
+
 def systemctl_argv(environ: Mapping[str, str] | None = None) -> list[str]:
     """The systemctl program: ``$OPS_SYSTEMCTL`` (e.g. ``sudo -n systemctl``) or ``systemctl``.
 
     Read from ``environ`` (default ``os.environ``) at each call. Raises ValueError with a
     one-line reason when ``$OPS_SYSTEMCTL`` cannot be split.
     """
-    configured = (os.environ if environ is None else environ).get("OPS_SYSTEMCTL", "").strip()
-    try:
-        argv = shlex.split(configured) if configured else ["systemctl"]
-    except ValueError as exc:
-        raise ValueError(f"OPS_SYSTEMCTL cannot be split like a shell would: {exc}") from None
-    return argv or ["systemctl"]
+    return program_argv("OPS_SYSTEMCTL", "systemctl", environ)
 
 
 #: Every systemctl summary for a timed-out call contains this: the job may still complete, so a
