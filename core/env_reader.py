@@ -467,6 +467,14 @@ class EnvReader:
         """``OPS_STATE_DIR``, else systemd's state directory, else the XDG one."""
         return self.path("OPS_STATE_DIR") or default_state_dir(self.env)
 
+    def lock_dir(self, state_dir: Path) -> Path:
+        """``OPS_LOCK_DIR``: where the host-wide restart locks live; default ``state_dir``.
+
+        The bot's and the daemon's users share one (``/run/admin-ops`` in deploy/) so that
+        they lock the same file for the same unit (:func:`core.ops_exec.unit_restart_lock`).
+        """
+        return self.path("OPS_LOCK_DIR") or state_dir
+
     def pull_timeout(self) -> float:
         """``OPS_PULL_TIMEOUT``: seconds a pull may take before git is stopped."""
         return self.seconds("OPS_PULL_TIMEOUT", 60.0, minimum=1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from core.env_reader import (
     ALWAYS_SECRET,
@@ -113,6 +113,8 @@ class Settings:
     command_prefix: str = "!"
     redis_url: str | None = field(default=None, repr=False)
     state_dir: Path
+    #: Where the host-wide restart locks live (``OPS_LOCK_DIR``): the state dir by default.
+    lock_dir: Path
     repo_dir: Path
     extra_targets: tuple[PullTarget, ...] = ()
     bot_service: str | None = None
@@ -220,6 +222,7 @@ class Settings:
             restart_delay=self.restart_delay,
             restart_min_interval=self.restart_min_interval,
             state_dir=self.state_dir,
+            lock_dir=self.lock_dir,
             secrets=self.secrets,
         )
 
@@ -254,7 +257,7 @@ class Settings:
             discord_token=token,
             command_prefix=prefix,
             redis_url=redis_url,
-            state_dir=reader.state_dir(),
+            **_dirs(reader),
             repo_dir=reader.path("OPS_REPO_DIR") or PROJECT_ROOT,
             extra_targets=reader.pull_targets(),
             bot_service=reader.unit("OPS_BOT_SERVICE"),
@@ -286,6 +289,17 @@ class Settings:
         _check_role_names(reader, settings)
         reader.raise_problems()
         return settings
+
+
+class _Dirs(TypedDict):
+    state_dir: Path
+    lock_dir: Path
+
+
+def _dirs(reader: EnvReader) -> _Dirs:
+    """``OPS_STATE_DIR`` and ``OPS_LOCK_DIR`` (the state dir unless set), alike for both."""
+    state_dir = reader.state_dir()
+    return {"state_dir": state_dir, "lock_dir": reader.lock_dir(state_dir)}
 
 
 def _check_role_names(reader: EnvReader, settings: Settings) -> None:
@@ -388,6 +402,8 @@ class DaemonSettings:
     restart_delay: float = 1.0
     restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL
     state_dir: Path | None = None
+    #: Where the host-wide restart locks live (``OPS_LOCK_DIR``); None: ``state_dir``.
+    lock_dir: Path | None = None
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
@@ -410,7 +426,7 @@ class DaemonSettings:
             env_passthrough=reader.git_env_passthrough(),
             restart_delay=reader.restart_delay(),
             restart_min_interval=reader.restart_min_interval(),
-            state_dir=reader.state_dir(),
+            **_dirs(reader),
             secrets=reader.secret_values(reader.names("OPS_REDACT_ENV")),
         )
         reader.systemctl()

@@ -85,7 +85,7 @@ class HostActions:
         self.instance_id = instance_id
         self.in_process = in_process
         self.spacing = spacing or RestartSpacing(
-            settings.restart_min_interval, lock_dir=settings.state_dir
+            settings.restart_min_interval, lock_dir=settings.lock_dir
         )
         self.after_pull = after_pull
 

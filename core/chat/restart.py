@@ -122,7 +122,7 @@ class SelfRestart:
         self.replies = replies
         self.exit_process = exit_process
         self.spacing = spacing or RestartSpacing(
-            settings.restart_min_interval, lock_dir=settings.state_dir
+            settings.restart_min_interval, lock_dir=settings.lock_dir
         )
         self.rollbacks = rollbacks or RollbackNotices(settings)
 

@@ -12,10 +12,13 @@ The check is the pipeline's last one before the action (a :data:`~core.chat.invo
 after role, channel and configuration, so only someone who may run the command learns about
 the unit; and while the command is marked running, so two invocations cannot both pass it.
 Another process on the host (a control daemon) may restart the same unit: a restart reserved
-under the host-wide lock on the unit (:func:`core.ops_exec.unit_restart_lock`, in the state dir)
-by any process counts, and the action (:meth:`RestartSpacing.locked`) checks again under that
-lock, reserves its restart and holds the lock until the request is made. So the bot and a daemon
-never both restart a unit within the interval.
+under the host-wide lock on the unit (:func:`core.ops_exec.unit_restart_lock`, in
+``OPS_LOCK_DIR``, by default the state dir) by any process counts, and the action
+(:meth:`RestartSpacing.locked`) checks again under that lock, reserves its restart and holds the
+lock until the request is made. So the bot and a daemon never both restart a unit within the
+interval. A lock path that is unsafe (a symlink, not a regular file, writable by others:
+:class:`~core.ops_exec.UnsafeLockError`) refuses the restart: run unlocked, whoever planted it
+could switch the lock off for every process.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable
 from core.chat.admission import Refusal
 from core.chat.invocation import Action, Guard, Invocation, Outcome, Reply
 from core.chat.process import process_started_at
-from core.ops_exec import UnitRestartLock, unit_restart_lock, unit_started_ago
+from core.ops_exec import UnitRestartLock, UnsafeLockError, unit_restart_lock, unit_started_ago
 from core.text import format_duration, inline_code
 
 __all__ = ["RestartSpacing"]
@@ -84,6 +87,8 @@ class RestartSpacing:
                 return await self._locked_check(inv, unit, lock, own=own)
         except TimeoutError:
             return self._busy(inv, unit)
+        except UnsafeLockError as exc:
+            return self._unsafe(inv, unit, exc)
         except OSError as exc:
             # An unusable state dir must not lock the operator out of restarts: checked as
             # before the lock existed (systemd's timestamp still counts).
@@ -109,6 +114,8 @@ class RestartSpacing:
                     lock = await stack.enter_async_context(unit_restart_lock(lock_dir, unit))
                 except TimeoutError:
                     return _refused(self._busy(inv, unit))
+                except UnsafeLockError as exc:
+                    return _refused(self._unsafe(inv, unit, exc))
                 except OSError as exc:
                     log.warning("restart lock of %s unavailable (%s): restarting", unit, exc)
                     return await action(inv)
@@ -140,6 +147,15 @@ class RestartSpacing:
     def _busy(self, inv: Invocation, unit: str) -> Refusal:
         what = inline_code(unit)
         return Refusal("refused:running", f"{inv.shown} refused: {what} is being restarted.")
+
+    def _unsafe(self, inv: Invocation, unit: str, exc: UnsafeLockError) -> Refusal:
+        log.error("refusing to restart %s: %s (%s)", unit, exc.strerror, exc.filename)
+        what = inline_code(unit)
+        return Refusal(
+            "refused:config",
+            f"{inv.shown} refused: the restart lock of {what} on this host is unsafe "
+            "(see the bot's log).",
+        )
 
     async def _started_ago(self, unit: str | None, *, own: bool) -> float | None:
         ago = await unit_started_ago(unit) if unit is not None else None

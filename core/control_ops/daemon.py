@@ -101,7 +101,9 @@ class ControlDaemon:
     state directory of ``core.env_reader.default_state_dir``), under ``fleet/<identity>/``: the
     ids of the commands with side effects this host started (recorded, fsynced, before the op
     runs, so no copy of a command ever runs twice here) and when it last restarted each unit
-    (a unit is not restarted again within ``restart_min_interval`` seconds).
+    (a unit is not restarted again within ``restart_min_interval`` seconds). The host-wide
+    restart locks it shares with the bot live in ``lock_dir`` (``OPS_LOCK_DIR``; default the
+    state directory itself).
 
     Every Redis call is bounded by ``call_timeout``; blocking reads wait at most half the
     client's socket timeout (redis-py does not lengthen it for XREADGROUP BLOCK).
@@ -125,6 +127,7 @@ class ControlDaemon:
         secrets: Iterable[str] = (),
         state_dir: str | os.PathLike[str] | None = None,
         restart_min_interval: float = DEFAULT_RESTART_MIN_INTERVAL,
+        lock_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Validate the identity and the allow-list; no I/O happens before :meth:`run`."""
         if not secret:
@@ -148,7 +151,7 @@ class ControlDaemon:
             restart_units=restart_units, own_units=own_units, pull_timeout=pull_timeout,
             env_passthrough=env_passthrough, restart_delay=deferred_restart_delay,
             restart_min_interval=restart_min_interval, restarts=RestartRecord(self.state_dir),
-            secrets=self._secrets, lock_dir=base,
+            secrets=self._secrets, lock_dir=base if lock_dir is None else lock_dir,
         )  # fmt: skip
         self._block_seconds = read_block_seconds(redis)
         # Behind Sentinel a reconnect asks the sentinels first: retrying often is cheap, and
@@ -184,6 +187,7 @@ class ControlDaemon:
             secrets=settings.secrets,
             state_dir=settings.state_dir,
             restart_min_interval=settings.restart_min_interval,
+            lock_dir=settings.lock_dir,
         )
 
     @property

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import discord.ext.test as dpytest
@@ -24,6 +25,7 @@ import core.chat.spacing as chat_spacing
 from core.chat.floods import REPLY_INTERVAL
 from core.control_ops import command_stream_key, host_ops
 from core.control_ops.host_ops import HostOps, Refused
+from core.ops_exec import unit_restart_lock
 from core.text import format_duration
 from tests.support import ROOT
 from tests.support.chat import (
@@ -271,6 +273,47 @@ async def test_the_bot_and_a_daemon_on_the_host_count_each_others_restarts(
     with pytest.raises(Refused, match=r"^refused: restarted 0 s ago$"):
         await ops.run("restart", ("proxy",))
     assert len(systemctl.calls()) == 1
+
+
+async def test_the_bot_locks_in_ops_lock_dir_and_refuses_a_restart_under_an_unsafe_lock(
+    harness: Harness,
+    systemctl: SystemctlStub,
+    monkeypatch: pytest.MonkeyPatch,
+    sent: list[Sent],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+):
+    """OPS_LOCK_DIR: the lock the daemon's user shares (a setgid dir of their common group)."""
+    started(monkeypatch, {"proxy.service": None})  # systemd cannot tell: only the lock knows
+    shared = tmp_path / "run-admin-ops"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    async with unit_restart_lock(shared, "proxy") as lock:
+        lock.reserve()  # as the daemon does before it restarts the proxy
+    await harness.add_cog(harness.settings(OPS_LOCK_DIR=str(shared)))
+    message = await harness.say("!proxy_restart")
+    assert only_reply(sent, message).content == (
+        "`!proxy_restart` refused: `proxy.service` restarted 0 s ago; "
+        f"try again in {format_duration(60, round_up=True)}."
+    )
+    assert not (harness.state_dir / "locks").exists()
+
+    # A symlink planted in the lock file's place: neither followed nor worked around.
+    victim = tmp_path / "precious"
+    victim.write_text("precious")
+    lock_file = shared / "locks" / "restart-proxy.service.lock"
+    lock_file.unlink()
+    lock_file.symlink_to(victim)
+    with caplog.at_level(logging.ERROR, logger="cogs.admin_ops.spacing"):
+        message = await harness.say("!proxy_restart", member=harness.admins[1])
+    assert only_reply(sent, message).content == (
+        "`!proxy_restart` refused: the restart lock of `proxy.service` on this host is unsafe "
+        "(see the bot's log)."
+    )
+    assert systemctl.calls() == []
+    assert victim.read_text() == "precious"
+    why = "unsafe restart lock path: a symbolic link or not a directory"
+    assert f"refusing to restart proxy.service: {why} ({lock_file})" in caplog.messages
 
 
 async def test_the_spacing_reveals_nothing_to_who_may_not_run_the_command(

@@ -443,3 +443,20 @@ def test_restart_min_interval_is_shared_by_bot_and_daemon() -> None:
     assert daemon(OPS_RESTART_MIN_INTERVAL="0").restart_min_interval == 0.0
     [problem] = daemon_problems(OPS_RESTART_MIN_INTERVAL="-1")
     assert problem.startswith("OPS_RESTART_MIN_INTERVAL: must be between 0 and 3600")
+
+
+def test_lock_dir_is_shared_by_bot_and_daemon_and_defaults_to_each_state_dir() -> None:
+    """One lock for the bot's user and the daemon's: OPS_LOCK_DIR, read by one parser."""
+    shared = {"OPS_LOCK_DIR": "/run/admin-ops", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+    bot = load(**shared, OPS_STATE_DIR="/var/lib/admin-ops", OPS_CONTROL_SECRET="fleet-hmac")
+    host = daemon(**shared, OPS_STATE_DIR="/var/lib/admin-ops-control")
+    assert bot.lock_dir == host.lock_dir == Path("/run/admin-ops")
+    in_process = bot.daemon_settings()
+    assert in_process is not None
+    assert in_process.lock_dir == Path("/run/admin-ops")
+    # Unset: each process's own state dir, as before the setting existed.
+    assert load(STATE_DIRECTORY="/var/lib/admin-ops").lock_dir == Path("/var/lib/admin-ops")
+    assert daemon(OPS_STATE_DIR="/var/lib/ctl").lock_dir == Path("/var/lib/ctl")
+    [from_bot] = problems(OPS_LOCK_DIR="run/admin-ops")
+    [from_daemon] = daemon_problems(OPS_LOCK_DIR="run/admin-ops")
+    assert from_bot == from_daemon == "OPS_LOCK_DIR: must be an absolute path, got 'run/admin-ops'"

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.control_ops import ControlDaemon, build_command
+from core.control_ops.host_ops import Refused
 from core.settings import DaemonSettings
 from tests.support.fleet import (
     SECRET,
@@ -140,3 +141,42 @@ async def test_the_interval_and_the_state_dir_come_from_the_settings(
     assert len(restarts(record)) == 2
     assert (daemon.state_dir / "commands.log").exists()
     assert not (tmp_path / ".local").exists()  # nothing went to the default state dir
+
+
+async def test_the_lock_dir_comes_from_the_settings_and_an_unsafe_lock_refuses_the_restart(
+    new_client: Callable[..., aioredis.Redis], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPS_LOCK_DIR (deployed: /run/admin-ops, shared with the bot's user) holds the locks.
+
+    A symlink planted where the lock file goes is neither followed nor worked around: the
+    restart is refused, as for any lock this daemon cannot take.
+    """
+    record = install_systemctl_stand_in(tmp_path, monkeypatch)
+    env = {
+        "HOME": str(tmp_path),
+        "OPS_CONTROL_SECRET": SECRET,
+        "OPS_IDENTITY": HOST,
+        "OPS_RESTART_UNITS": "proxy",
+        "OPS_STATE_DIR": str(tmp_path / "state"),
+    }
+    default = ControlDaemon.from_settings(new_client(), DaemonSettings.from_env(env))
+    assert default.ops.lock_dir == tmp_path / "state"
+    shared = tmp_path / "run-admin-ops"
+    settings = DaemonSettings.from_env({**env, "OPS_LOCK_DIR": str(shared)})
+    daemon = ControlDaemon.from_settings(new_client(), settings)
+    assert daemon.ops.lock_dir == shared
+    victim = tmp_path / "state" / "precious"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    (shared / "locks").mkdir(parents=True)
+    (shared / "locks" / "restart-proxy.service.lock").symlink_to(victim)
+
+    with pytest.raises(Refused) as refused:
+        await daemon.ops.run("restart", ("proxy",))
+
+    assert str(refused.value) == (
+        "failed: cannot take the restart lock on this host "
+        "(unsafe restart lock path: a symbolic link or not a directory)"
+    )
+    assert restarts(record) == []
+    assert victim.read_text() == "precious"
