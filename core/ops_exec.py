@@ -928,14 +928,16 @@ def _open_nofollow(path: Path, name: str, flags: int, dir_fd: int) -> int:
 def _open_locks_dir(top: int, path: Path, shared: bool) -> int:
     """``locks`` in the lock dir: created private, or in a shared dir 2770 (the dir's group)."""
     try:
-        os.mkdir("locks", _SHARED_DIR if shared else _PRIVATE_DIR, dir_fd=top)
+        # Never asked for with the setgid bit: a unit with RestrictSUIDSGID= may not set it
+        # (EPERM). In a shared dir the kernel hands the bit down with the group anyway.
+        os.mkdir("locks", _SHARED_DIR & 0o777 if shared else _PRIVATE_DIR, dir_fd=top)
         created = True
     except FileExistsError:
         created = False
     fd = _open_nofollow(path, "locks", os.O_RDONLY | os.O_DIRECTORY, top)
     try:
-        if created and shared:
-            os.fchmod(fd, _SHARED_DIR)  # the umask may have taken the group's bits
+        if created and shared and stat.S_IMODE(os.fstat(fd).st_mode) != _SHARED_DIR:
+            os.fchmod(fd, _SHARED_DIR)  # the umask took the group's bits
         _check_safe(fd, path / "locks", directory=True)
     except BaseException:
         os.close(fd)

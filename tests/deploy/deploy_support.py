@@ -36,6 +36,8 @@ from tests.deploy.systemd_harness import (
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROBE = Path(__file__).resolve().parent / "unit_probe.py"
+#: Creates /run/admin-ops, the restart locks shared by the bot's and the daemon's users.
+LOCKS_TMPFILES = DEPLOY / "tmpfiles.d" / "admin-ops-locks.conf"
 REQUIRE_ENV = "ADMIN_OPS_REQUIRE_SYSTEMD"
 BOT_UNIT = "admin-ops-bot.service"
 CONTROL_UNIT = "admin-ops-control.service"
@@ -241,7 +243,8 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
     lib = srv / "admin-ops-test-lib"
     (lib / "core").mkdir(parents=True)
     shutil.copy(PROBE, lib / PROBE.name)
-    for name in ("__init__.py", "ops_exec.py", "hardening.py", "journal.py"):
+    lib_modules = ("__init__.py", "ops_exec.py", "hardening.py", "journal.py", "env_reader.py")
+    for name in (*lib_modules, "names.py"):
         shutil.copy(ROOT / "core" / name, lib / "core" / name)
     for path in (lib, lib / "core"):
         path.chmod(0o755)
@@ -258,6 +261,9 @@ def build_deploy_tree(systemd: PrivateSystemd) -> DeployTree:
     for path in etc.iterdir():
         path.chmod(0o600)
 
+    # deploy/README.md step 4: the restart locks' directory, which the units' ReadWritePaths= need.
+    locks = systemd.run("systemd-tmpfiles", "--create", str(LOCKS_TMPFILES), env=PLAIN_ENV)
+    assert (locks.returncode, locks.stderr) == (0, ""), locks.stderr
     for name in (*SHIPPED_UNITS, ROLLBACK_UNIT):
         systemd.install_unit(name, shipped_unit_text(name), reload=False)
     systemd.systemctl("daemon-reload")

@@ -196,10 +196,12 @@ def test_the_rollback_unit_is_the_bots_guard_with_the_bots_user_checkout_state_a
     assert guard["ExecStart"] == ["/srv/admin-ops/app/.venv/bin/python -m core.rollback"]
     for setting in (
         "User", "Group", "SupplementaryGroups", "WorkingDirectory", "EnvironmentFile",
-        "StateDirectory", "StateDirectoryMode", "ReadWritePaths", "UMask", "ProtectSystem",
+        "StateDirectory", "StateDirectoryMode", "UMask", "ProtectSystem",
         "NoNewPrivileges", "CapabilityBoundingSet", "SystemCallFilter",
     ):  # fmt: skip
         assert guard[setting] == bot[setting], setting
+    # The checkout, not the restart locks: the guard restarts nothing, it starts the bot.
+    assert guard["ReadWritePaths"] == [p for p in bot["ReadWritePaths"] if p != LOCK_DIR]
     assert guard["Environment"] == ["OPS_BOT_SERVICE=admin-ops-bot.service", "PYTHONUNBUFFERED=1"]
     # No credentials: the guard needs no secret.
     assert "LoadCredential" not in guard
@@ -238,7 +240,7 @@ def test_units_agree_with_the_documented_layout(unit: str) -> None:
     settings = unit_settings(unit)
     checkout = "/srv/admin-ops/app"
     assert settings["WorkingDirectory"] == [checkout]
-    assert settings["ReadWritePaths"] == [checkout]
+    assert settings["ReadWritePaths"] == [checkout, LOCK_DIR]
     assert settings["ExecStart"][0].startswith(f"{checkout}/.venv/bin/python ")
     assert settings["EnvironmentFile"][0].startswith("/etc/admin-ops/")
     assert settings["NoNewPrivileges"] == ["yes"]
@@ -408,3 +410,29 @@ def test_readme_installs_the_journal_files_where_their_headers_say() -> None:
     assert tmpfiles in (DEPLOY / "tmpfiles.d" / "admin-ops-journal.conf").read_text()
     setting = f"OPS_JOURNALCTL={env_example('admin-ops.env.example')['OPS_JOURNALCTL']}"
     assert f"`{setting}`" in (DEPLOY / "README.md").read_text()
+
+
+# --- the restart locks both users share (OPS_LOCK_DIR) ------------------------------------------
+
+LOCK_DIR = "/run/admin-ops"
+LOCKS_TMPFILES = DEPLOY / "tmpfiles.d" / "admin-ops-locks.conf"
+
+
+def test_the_locks_directory_is_the_shared_groups_and_named_alike_everywhere() -> None:
+    """tmpfiles.d creates it for the group both units share; both units and examples name it."""
+    text = LOCKS_TMPFILES.read_text()
+    rows = [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
+    # setgid: files created there belong to the group; no o+w (admin-ops refuses that); no age.
+    assert rows == [["d", LOCK_DIR, "2770", "root", SHARED_GROUP, "-"]]
+    for unit in SHIPPED_UNITS:
+        assert LOCK_DIR in unit_settings(unit)["ReadWritePaths"], unit
+        assert unit_settings(unit)["SupplementaryGroups"] == [SHARED_GROUP]
+    for example in ("admin-ops.env.example", "admin-ops-control.env.example"):
+        assert env_example(example)["OPS_LOCK_DIR"] == LOCK_DIR, example
+    block = readme_block("admin-ops-locks.conf")
+    installed = "/etc/tmpfiles.d/admin-ops-locks.conf"
+    app = "/srv/admin-ops/app/deploy"
+    assert f"install -m 0644 {app}/tmpfiles.d/admin-ops-locks.conf /etc/tmpfiles.d/\n" in block
+    # Applied before the units are installed: without it they do not start.
+    assert block.index(f"systemd-tmpfiles --create {installed}\n") < block.index(".service")
+    assert installed in text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -201,6 +202,63 @@ def test_neither_user_can_plant_a_command_for_the_others_next_pull(
     assert result.returncode != 0
     assert "Permission denied" in result.stderr
     assert not (deploy_tree.checkout / path).exists() or path == ".git/config"
+
+
+# --- one restart lock for both users (OPS_LOCK_DIR=/run/admin-ops) -----------------------------
+
+
+def lock_probe(
+    tree: DeployTree, service: ShippedUnit, *args: str, hold: bool = False
+) -> dict[str, object]:
+    """Run a lock mode of the probe as ``service``'s main process; what it wrote.
+
+    ``hold``: a ``Type=notify`` unit that is started (READY once it holds the lock) and left
+    running; else a ``start --wait`` until it exits.
+    """
+    uid, state, _names = UNITS[service.name]
+    out, out_inside = tree.out_dir("lock", state, uid)
+    probe(service, args[0], out_inside, *args[1:], notify=hold)
+    tree.systemd.systemctl("start", *(() if hold else ("--wait",)), service.name)
+    facts: dict[str, object] = json.loads((out / "lock.json").read_text())
+    assert (facts["uid"], facts["lock_dir"]) == (uid, "/run/admin-ops"), facts
+    return facts
+
+
+def test_the_bot_and_the_daemon_take_one_restart_lock_in_the_shared_directory(
+    shipped_unit: Callable[[str], ShippedUnit], deploy_tree: DeployTree
+) -> None:
+    """As shipped: tmpfiles.d's /run/admin-ops, OPS_LOCK_DIR from the examples, the hardening.
+
+    The daemon's check waits while the bot holds the lock on a unit, then sees the restart the
+    bot reserved there (its own record and systemd's know nothing of it); and the bot sees the
+    daemon's in turn.
+    """
+    systemd = deploy_tree.systemd
+    bot, control = shipped_unit(BOT_UNIT), shipped_unit(CONTROL_UNIT)
+    unit = f"lock-{uuid.uuid4().hex[:8]}.service"
+    before = time.monotonic()
+    lock_probe(deploy_tree, bot, "lock-hold", unit, hold=True)
+
+    busy = lock_probe(deploy_tree, control, "lock-check", unit, "0.2")
+
+    assert busy["busy"] == f"another process on this host is restarting {unit}"
+    systemd.systemctl("stop", BOT_UNIT)  # its process exits, and the lock goes with it
+    seen = lock_probe(deploy_tree, control, "lock-check", unit, "10")
+    ago, bound = seen["reserved_ago"], time.monotonic() - before
+    assert isinstance(ago, float)
+    assert isinstance(seen["interval"], float)
+    assert 0.0 <= ago <= min(bound, seen["interval"]), (seen, bound)  # "restarted 0 s ago"
+    back = lock_probe(deploy_tree, bot, "lock-check", unit, "10")
+    assert isinstance(back["reserved_ago"], float)
+    assert 0.0 <= back["reserved_ago"] <= time.monotonic() - before
+    # The bot's user created them; the group admin-ops (the daemon's user) may use them.
+    locks = "/run/admin-ops/locks"
+    shown = systemd.run("stat", "-c", "%a %U %G %F", locks, f"{locks}/restart-{unit}.lock")
+    assert shown.stdout.splitlines() == [
+        "2770 opsbot admin-ops directory",
+        "660 opsbot admin-ops regular file",
+    ]
+    assert systemd.run("stat", "-c", "%a %U %G", "/run/admin-ops").stdout == "2770 root admin-ops\n"
 
 
 # --- unit_started_ago as each service user ------------------------------------------------------

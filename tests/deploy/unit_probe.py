@@ -21,6 +21,12 @@ line per event, ``O_APPEND`` so concurrent writers do not interleave) and signal
 - ``pull OUT CHECKOUT``: ``pull_checkout(CHECKOUT)`` as JSON in ``OUT/pull.json``.
 - ``journal OUT UNIT...``: what ``!ops_logs <unit>`` reads of each unit (``core.journal``'s command
   line and ``read_journal``'s result, 50 lines), as JSON in ``OUT/journal.json``.
+- ``lock-hold OUT UNIT``: take ``unit_restart_lock(UNIT)`` in the lock dir the settings name
+  (``OPS_LOCK_DIR``, read by ``core.env_reader``), reserve a restart, say so in
+  ``OUT/lock.json``, then hold it (``Type=notify``) until stopped.
+- ``lock-check OUT UNIT TIMEOUT``: wait up to TIMEOUT s for the same lock; in ``OUT/lock.json``
+  whether another process held it all along, else the reservation found there and the spacing
+  (``OPS_RESTART_MIN_INTERVAL``); then reserve a restart itself.
 """
 
 from __future__ import annotations
@@ -255,6 +261,50 @@ def journal(out: Path, units: list[str]) -> None:
     record(out, "journal")
 
 
+def _lock_settings() -> tuple[str, float]:
+    """The lock dir and the restart spacing, as the bot's and the daemon's settings read them."""
+    from core.env_reader import EnvReader
+
+    reader = EnvReader(os.environ)
+    return str(reader.lock_dir(reader.state_dir())), reader.restart_min_interval()
+
+
+def lock_hold(out: Path, unit: str) -> None:
+    from core.ops_exec import unit_restart_lock
+
+    lock_dir, _interval = _lock_settings()
+
+    async def hold() -> None:
+        async with unit_restart_lock(lock_dir, unit) as lock:
+            lock.reserve()
+            facts = {"uid": os.getuid(), "lock_dir": lock_dir}
+            (out / "lock.json").write_text(json.dumps(facts))
+            record(out, "lock-held")
+            notify_ready()
+            wait_forever()
+
+    asyncio.run(hold())
+
+
+def lock_check(out: Path, unit: str, timeout: float) -> None:
+    from core.ops_exec import unit_restart_lock
+
+    lock_dir, interval = _lock_settings()
+    facts: dict[str, Any] = {"uid": os.getuid(), "lock_dir": lock_dir, "interval": interval}
+
+    async def check() -> None:
+        try:
+            async with unit_restart_lock(lock_dir, unit, timeout=timeout) as lock:
+                facts["reserved_ago"] = lock.reserved_ago()
+                lock.reserve()
+        except TimeoutError as exc:
+            facts["busy"] = str(exc)
+
+    asyncio.run(check())
+    (out / "lock.json").write_text(json.dumps(facts))
+    record(out, "lock-checked")
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[0], Path(argv[1])
     if mode == "selfrestart":
@@ -273,6 +323,10 @@ def main(argv: list[str]) -> None:
         pull(out, argv[2])
     elif mode == "journal":
         journal(out, argv[2:])
+    elif mode == "lock-hold":
+        lock_hold(out, argv[2])
+    elif mode == "lock-check":
+        lock_check(out, argv[2], float(argv[3]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
