@@ -252,6 +252,8 @@ class HostOps:
         except TimeoutError as exc:
             raise Refused(f"refused: {exc}") from None
         except OSError as exc:
+            # An unusable or unsafe lock (UnsafeLockError: a symlink, o+w...) refuses: run
+            # unlocked, the restart could follow another process's within the interval.
             log.error("cannot take the restart lock of %s: %s", unit, exc)
             reason = exc.strerror or str(exc)
             raise Refused(f"failed: cannot take the restart lock on this host ({reason})") from None
