@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from tests.support.git import GitRepos, make_git_repos
 from tests.support.redis_proc import RedisServer, free_port, start_redis_server, stop_redis_server
+from tests.support.wheels import venv_template
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +84,12 @@ def isolated_home(
 def git_repos(tmp_path: Path, isolated_home: Path) -> GitRepos:
     """Real repositories in tmp: ``clone`` (under test) and ``work`` both track ``origin``."""
     return make_git_repos(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def pip_venv_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One virtual environment with pip for the session (``ensurepip``: no network).
+
+    Building it takes seconds; each test installs into a copy of its own (``copy_venv``).
+    """
+    return venv_template(tmp_path_factory.mktemp("venv-template") / "venv")

@@ -21,7 +21,7 @@ import pytest
 from tests.support.chat import AUDIT_LOGGER, Harness, Sent, audit_records, only_reply
 from tests.support.git import GitRepos, git
 from tests.support.processes import write_script
-from tests.support.wheels import copy_venv, installed, pip_install, venv_template, write_wheel
+from tests.support.wheels import copy_venv, installed, pip_install, write_wheel
 
 NO_COOLDOWNS = {
     f"OPS_COOLDOWN_{name}": "0" for name in ("BOT_PULL", "BOT_FETCH", "BOT_ROLLBACK", "BOT_DEPS")
@@ -279,19 +279,14 @@ async def test_a_rollback_after_someone_moved_head_is_refused(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return venv_template(tmp_path_factory.mktemp("venv-template") / "venv")
-
-
 @pytest.fixture
-def venv(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def venv(pip_venv_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A throw-away environment with opsdemo-alpha 1.0; pip reads only the test's wheels."""
     wheels = tmp_path / "wheels"
     write_wheel(wheels, "opsdemo-alpha", "1.0")
     write_wheel(wheels, "opsdemo-alpha", "1.1")
     write_wheel(wheels, "opsdemo-beta", "2.0")
-    python = copy_venv(template, tmp_path / "venv")
+    python = copy_venv(pip_venv_template, tmp_path / "venv")
     pip_install(python, wheels, "opsdemo-alpha==1.0")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))

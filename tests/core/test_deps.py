@@ -17,12 +17,7 @@ import pytest
 
 from core.deps import install_requirements, pip_env
 from tests.support.processes import write_script
-from tests.support.wheels import copy_venv, installed, pip_install, venv_template, write_wheel
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return venv_template(tmp_path_factory.mktemp("venv-template") / "venv")
+from tests.support.wheels import copy_venv, installed, pip_install, write_wheel
 
 
 @pytest.fixture
@@ -36,9 +31,9 @@ def wheels(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def venv(template: Path, tmp_path: Path, wheels: Path) -> Path:
+def venv(pip_venv_template: Path, tmp_path: Path, wheels: Path) -> Path:
     """A throw-away environment with opsdemo-alpha 1.0 installed."""
-    python = copy_venv(template, tmp_path / "venv")
+    python = copy_venv(pip_venv_template, tmp_path / "venv")
     pip_install(python, wheels, "opsdemo-alpha==1.0")
     return python
 
