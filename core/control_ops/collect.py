@@ -36,6 +36,7 @@ from core.control_ops.streams import (
     bounded_entries,
     bounded_read_lua,
     checked_entries,
+    raw_stream_client,
 )
 from core.control_ops.wire import (
     DEFAULT_PREFIX,
@@ -200,6 +201,7 @@ class Collector:
         entry counts. ``prefix`` is the fleet's key prefix (the answers' signatures cover it).
         """
         self._redis = redis
+        self._raw = raw_stream_client(redis)
         self._command_id = command_id
         self._key = key
         self._expected = expected
@@ -281,7 +283,7 @@ class Collector:
 
     async def _wait(self, block_ms: int) -> list[Entry]:
         """Block until there are entries after the last one read; at most a few, size-checked."""
-        response = await self._redis.xread(
+        response = await self._raw.xread(
             {self._key: self._last}, count=self._wake_count(), block=block_ms
         )
         return self._checked(response)

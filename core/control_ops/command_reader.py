@@ -28,6 +28,7 @@ from core.control_ops.streams import (
     bounded_entries,
     bounded_read_lua,
     checked_entries,
+    raw_stream_client,
     short_field,
 )
 from core.control_ops.wire import COMMAND_ENTRY_LIMIT, SIGNED_FIELDS
@@ -63,6 +64,7 @@ class CommandReader:
         self._group = group
         self._consumer = consumer
         self._script = redis.register_script(_READ_LUA)
+        self._raw = raw_stream_client(redis)
         #: Whether this reader stopped blocking (it saw an oversized entry): it polls instead.
         self.polling = False
 
@@ -81,7 +83,7 @@ class CommandReader:
             if not entries:
                 await asyncio.sleep(POLL_INTERVAL)  # a poll period
             return entries
-        response = await self._redis.xreadgroup(
+        response = await self._raw.xreadgroup(
             self._group, self._consumer, {self._stream: ">"}, count=1, block=block_ms
         )
         entries = checked_entries(response, COMMAND_FIELDS, COMMAND_ENTRY_LIMIT)

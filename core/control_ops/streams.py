@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 __all__ = [
+    "FIELD_COST",
     "MAX_BLOCK_SECONDS",
     "POLL_INTERVAL",
     "SCAN_BYTES",
@@ -31,6 +32,8 @@ __all__ = [
     "bounded_entries",
     "bounded_read_lua",
     "checked_entries",
+    "entry_size",
+    "raw_stream_client",
     "read_block_seconds",
     "short_field",
     "stream_entries",
@@ -111,6 +114,9 @@ def read_block_seconds(client: aioredis.Redis) -> float:
 #: One entry of a bounded read: its id, and its fields (None: larger than the limit, not read).
 Entry = tuple[str, dict[str, str] | None]
 
+#: What an entry's size counts for each field name and each value beyond its bytes: an entry of
+#: a million empty fields is as costly to transfer and parse as megabytes, and is as oversized.
+FIELD_COST: Final = 16
 #: How often a reader that stopped blocking (it saw an oversized entry) reads again.
 POLL_INTERVAL: Final = 0.05
 #: The most bytes one script call looks at on the server, oversized entries included: a stream
@@ -132,6 +138,7 @@ _READ_HEAD: Final = """local batch = {batch}
 local last = ARGV[1]
 local most, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
 local largest, scan_budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+local field_cost = {field_cost}
 local out, count, used, scanned = {{0}}, 0, 0, 0
 local n = #names
 local function in_order(fields)
@@ -162,7 +169,7 @@ _READ_LOOP: Final = """while count < most and used < budget and scanned < scan_b
     if last ~= '>' then last = entry[1] end
     count = count + 1
     local fields, size = entry[2] or {{}}, 0
-    for i = 1, #fields do size = size + #fields[i] end
+    for i = 1, #fields do size = size + #fields[i] + field_cost end
     scanned = scanned + size
     out[#out + 1] = entry[1]
     if size > largest then
@@ -197,7 +204,7 @@ def bounded_read_lua(names: Sequence[str], *, group: bool = False) -> str:
     stop = "" if group else "if used >= budget or scanned >= scan_budget then break end"
     return (
         f"local names = {{{quoted}}}\n"
-        + _READ_HEAD.format(batch=_BATCH)
+        + _READ_HEAD.format(batch=_BATCH, field_cost=FIELD_COST)
         + (_GROUP_READ if group else _RANGE_READ).format()
         + _READ_LOOP.format(stop=stop)
     )
@@ -217,15 +224,51 @@ def bounded_entries(reply: Any, names: Sequence[str]) -> tuple[list[Entry], bool
     return entries, bool(int(raw[0]))
 
 
+def raw_stream_client(client: aioredis.Redis) -> aioredis.Redis:
+    """A client on ``client``'s connections whose XREAD and XREADGROUP replies stay as sent.
+
+    redis-py turns each entry's flat list of fields into a dict, where a name written twice
+    counts once: an entry padded under a repeated name would pass a size check made on the
+    dict. :func:`checked_entries` measures the flat list instead.
+    """
+    raw = type(client)(connection_pool=client.connection_pool)
+    for command in ("XREAD", "XREADGROUP"):
+        raw.response_callbacks.pop(command, None)
+    return raw
+
+
+def _raw_pairs(response: Any) -> Iterator[tuple[Any, Any]]:
+    """Each ``(entry id, flat fields)`` of a raw XREAD/XREADGROUP reply (RESP2 or RESP3).
+
+    Each stream's entries are ``[id, [name, value, ...]]``; a trimmed, still pending entry has
+    no fields (nil).
+    """
+    for entries in _entries_per_stream(response):
+        for entry in entries or ():
+            yield entry[0], entry[1]
+
+
+def entry_size(fields: Sequence[Any]) -> int:
+    """An entry's size as the bounded reads count it: its bytes and FIELD_COST per element."""
+    return sum(len(value) + FIELD_COST for value in fields)
+
+
 def checked_entries(response: Any, names: Sequence[str], largest: int) -> list[Entry]:
-    """A blocking read's entries, the named fields only; one larger than ``largest`` undecoded."""
+    """A raw blocking read's entries (:func:`raw_stream_client`), the named fields only.
+
+    One larger than ``largest`` (:func:`entry_size`, over every element Redis sent, repeated
+    names included) is not decoded. Where a name repeats, its last value counts, as in the
+    bounded read script.
+    """
     entries: list[Entry] = []
-    for entry_id, raw in stream_pairs(response):
-        fields = raw or {}
-        if sum(len(name) + len(value) for name, value in fields.items()) > largest:
+    for entry_id, raw in _raw_pairs(response):
+        flat = list(raw or ())
+        if entry_size(flat) > largest:
             entries.append((as_text(entry_id), None))
             continue
-        decoded = {as_text(name): value for name, value in fields.items()}
+        # An odd element out (no value) cannot come from Redis; strict=False ignores it anyway.
+        pairs = zip(flat[::2], flat[1::2], strict=False)
+        decoded = {as_text(name): value for name, value in pairs}
         entries.append(
             (as_text(entry_id), {name: as_text(decoded.get(name, "")) for name in names})
         )

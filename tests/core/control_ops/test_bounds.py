@@ -36,6 +36,7 @@ from core.control_ops.collect import (
     Collector,
     read_result_entries,
 )
+from core.control_ops.streams import FIELD_COST, checked_entries
 from core.control_ops.wire import (
     COMMAND_ENTRY_LIMIT,
     HEARTBEAT_VALUE_LIMIT,
@@ -158,7 +159,9 @@ async def test_each_read_hands_over_a_bounded_number_of_entries_and_bytes(
         pipe.xadd(key, {"host": f"h{n}", "ok": "1", "summary": "x" * 200})
     for _ in range(12):
         pipe.xadd(key, {"host": "big", "summary": "y" * MIB})
-    limit_sized = {"host": "edge", "summary": "z" * (RESULT_ENTRY_LIMIT - len("hostedgesummary"))}
+    # At the limit exactly: its bytes and FIELD_COST for each of its four elements.
+    edge = RESULT_ENTRY_LIMIT - len("hostedgesummary") - 4 * FIELD_COST
+    limit_sized = {"host": "edge", "summary": "z" * edge}
     pipe.xadd(key, limit_sized)
     for n in range(1000):
         pipe.xadd(key, {"host": f"g{n}", "summary": "x" * 900})
@@ -424,3 +427,23 @@ async def test_a_long_allow_list_still_fits_the_heartbeat(
     assert fleet.ok, fleet
     fields = verify_heartbeat("w" * 64, value, SECRET, prefix=key_prefix)
     assert 0 < len(json.loads(fields["restart_units"])) < len(units)  # cut, still valid JSON
+
+
+@pytest.mark.parametrize("resp3", [False, True], ids=["RESP2", "RESP3"])
+def test_a_blocking_reads_entries_are_measured_as_redis_sent_them(resp3: bool) -> None:
+    """A value hidden under a repeated name, or thousands of empty fields, is oversized."""
+    hidden = [b"host", b"web-1", b"summary", b"x" * MIB, b"summary", b"ok"]
+    empty = [b"host", b"web-2", *([b"p", b""] * 1000)]
+    real = [b"host", b"web-3", b"ok", b"1", b"summary", b"pong"]
+    entries = [[b"1-0", hidden], [b"2-0", empty], [b"3-0", real]]
+    reply: Any = {b"s": entries} if resp3 else [[b"s", entries]]
+
+    checked = checked_entries(reply, wire.RESULT_FIELDS, RESULT_ENTRY_LIMIT)
+
+    assert [(entry_id, fields is None) for entry_id, fields in checked] == [
+        ("1-0", True),
+        ("2-0", True),
+        ("3-0", False),
+    ]
+    assert checked[2][1] is not None
+    assert (checked[2][1]["host"], checked[2][1]["summary"]) == ("web-3", "pong")

@@ -113,3 +113,39 @@ async def test_after_a_blocking_read_brought_an_oversized_entry_the_daemon_polls
     finally:
         await test.aclose()
     assert sent < MIB, sent
+
+
+async def test_padding_under_repeated_names_or_in_many_tiny_fields_is_oversized(
+    own_redis: str, new_client: Callable[..., aioredis.Redis]
+) -> None:
+    """Measured as Redis sent it, every element counted: a dict of it would look small."""
+    test = client_for(own_redis)
+    stream = command_stream_key(PREFIX)
+
+    async def xadd_flat(fields: dict[str, str], *extra: str) -> None:
+        flat = [item for pair in fields.items() for item in pair]
+        await test.execute_command("XADD", stream, "*", *flat, *extra)
+
+    try:
+        daemon = make_daemon(new_client(own_redis), "web-1", PREFIX)
+        async with serving(daemon):
+            # A signed ping plus 2100 empty values under one repeated name: 2100 bytes as a
+            # dict, well over the limit as sent. Through the blocking read.
+            tiny = ping()
+            await xadd_flat(tiny, *(["p", ""] * 2100))
+            answer = await read_results(test, tiny["id"], ["web-1"], PREFIX)
+            assert answer["web-1"].summary == TOO_LARGE
+            assert daemon._reader.polling  # the switch the bound rests on
+            # Now through the bounded script: the same, and a huge value hidden under a name
+            # written twice costs the daemon nothing like its size.
+            again, hidden = ping(), ping()
+            before = await sent_bytes(test)
+            await xadd_flat(again, *(["p", ""] * 2100))
+            await xadd_flat(hidden, "pad", "x" * (8 * MIB), "pad", "s")
+            for fields in (again, hidden):
+                answer = await read_results(test, fields["id"], ["web-1"], PREFIX)
+                assert answer["web-1"].summary == TOO_LARGE
+            sent = await sent_bytes(test) - before
+    finally:
+        await test.aclose()
+    assert sent < MIB, sent
