@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -832,9 +833,24 @@ _RESERVATION = re.compile(rb"[0-9]{1,16}(?:\.[0-9]{1,17})?")
 # A reservation this far in the future is ignored (the clock was stepped back).
 _LOCK_FUTURE_SLACK = 30.0
 # Modes of what unit_restart_lock creates: private to the process's user, or, in a
-# group-shared lock dir (setgid, group-writable), shared with its group.
+# group-shared lock dir (setgid, group-writable), shared with its group. Sticky: one user of the
+# group cannot remove or replace a lock file the other created (and may be holding).
 _PRIVATE_DIR, _PRIVATE_FILE = 0o700, 0o600
-_SHARED_DIR, _SHARED_FILE = 0o2770, 0o660
+_SHARED_DIR, _SHARED_FILE = 0o3770, 0o660
+# A file name longer than this is refused by the file system (NAME_MAX): a unit name may be 255
+# characters, so a long one is cut and told apart by a hash (see _lock_file_name).
+_NAME_MAX = 255
+_LOCK_NAME_KEEP = 200
+# How often a lock file found removed or replaced once locked is opened again before the lock
+# is refused: each time someone removed it while this process waited for it.
+_LOCK_REOPENS = 3
+# What an open of a lock path fails with when something other than what it must be is there.
+_UNSAFE_OPEN = {
+    errno.ELOOP: "a symbolic link or not a directory",
+    errno.ENOTDIR: "a symbolic link or not a directory",
+    errno.EISDIR: "not a regular file (a directory)",
+    errno.ENXIO: "not a regular file (a socket or a device)",
+}
 
 
 class UnsafeLockError(OSError):
@@ -916,21 +932,27 @@ def _check_safe(fd: int, path: Path, *, directory: bool) -> os.stat_result:
 
 
 def _open_nofollow(path: Path, name: str, flags: int, dir_fd: int) -> int:
-    """``openat`` that never follows a symlink in ``name``; ELOOP becomes UnsafeLockError."""
+    """``openat`` that never follows a symlink in ``name``.
+
+    The one place that says which failures mean something else is there (a symlink, a
+    directory, a socket: _UNSAFE_OPEN): they raise UnsafeLockError.
+    """
     try:
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise _unsafe(path / name, "a symbolic link or not a directory") from None
+        why = _UNSAFE_OPEN.get(exc.errno or 0)
+        if why is not None:
+            raise _unsafe(path / name, why) from None
         raise
 
 
 def _open_locks_dir(top: int, path: Path, shared: bool) -> int:
-    """``locks`` in the lock dir: created private, or in a shared dir 2770 (the dir's group)."""
+    """``locks`` in the lock dir: created private, or in a shared dir 3770 (the dir's group)."""
     try:
         # Never asked for with the setgid bit: a unit with RestrictSUIDSGID= may not set it
-        # (EPERM). In a shared dir the kernel hands the bit down with the group anyway.
-        os.mkdir("locks", _SHARED_DIR & 0o777 if shared else _PRIVATE_DIR, dir_fd=top)
+        # (EPERM). In a shared dir the kernel hands the bit down with the group anyway. The
+        # sticky bit is allowed there (tests/deploy/test_real_systemd_users.py creates one so).
+        os.mkdir("locks", _SHARED_DIR & 0o1777 if shared else _PRIVATE_DIR, dir_fd=top)
         created = True
     except FileExistsError:
         created = False
@@ -974,18 +996,27 @@ def _is_shared(info: os.stat_result) -> bool:
     return bool(info.st_mode & stat.S_ISGID) and info.st_mode & 0o070 == 0o070
 
 
-def _open_lock(lock_dir: Path, name: str) -> int:
+def _open_locks(lock_dir: Path) -> tuple[int, bool]:
+    """The ``locks`` dir in ``lock_dir`` (created if missing), and whether it is shared."""
     lock_dir.mkdir(parents=True, exist_ok=True, mode=_PRIVATE_DIR)
     top = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         shared = _is_shared(_check_safe(top, lock_dir, directory=True))
-        locks = _open_locks_dir(top, lock_dir, shared)
+        return _open_locks_dir(top, lock_dir, shared), shared
     finally:
         os.close(top)
-    try:
-        return _open_lock_file(locks, lock_dir / "locks", f"restart-{name}.lock", shared)
-    finally:
-        os.close(locks)
+
+
+def _lock_file_name(unit: str) -> str:
+    """``restart-<unit>.lock``; a name too long for the file system cut and told apart by a hash.
+
+    '+' is in no unit name, so a cut name never equals another unit's whole one.
+    """
+    name = f"restart-{unit}.lock"
+    if len(name) <= _NAME_MAX:
+        return name
+    digest = hashlib.sha256(unit.encode()).hexdigest()[:32]
+    return f"restart-{unit[:_LOCK_NAME_KEEP]}+{digest}.lock"
 
 
 def _try_lock(fd: int) -> bool:
@@ -994,6 +1025,45 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _still_named(locks: int, name: str, fd: int) -> bool:
+    """Whether ``name`` in ``locks`` is still the file open as ``fd`` (not removed or replaced).
+
+    A lock on a file removed from the dir locks nothing: the next process creates and locks a
+    new file under the name.
+    """
+    try:
+        named = os.stat(name, dir_fd=locks, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+async def _lock_fd(lock_dir: Path, name: str, unit: str, timeout: float) -> int:
+    """The lock file open and locked, once it is still the file under its name."""
+    locks, shared = await asyncio.to_thread(_open_locks, lock_dir)
+    path, fd = lock_dir / "locks" / name, -1
+    try:
+        deadline = time.monotonic() + timeout
+        for _attempt in range(_LOCK_REOPENS + 1):
+            fd = await asyncio.to_thread(_open_lock_file, locks, path.parent, name, shared)
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another process on this host is restarting {unit}")
+                await asyncio.sleep(_LOCK_POLL)  # a poll period (see _LOCK_POLL)
+            if _still_named(locks, name, fd):
+                locked, fd = fd, -1
+                return locked
+            log.warning("restart lock %s was removed or replaced: opened again", path)
+            os.close(fd)
+            fd = -1
+        raise _unsafe(path, "removed or replaced again and again while locked")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.close(locks)
 
 
 @contextlib.asynccontextmanager
@@ -1009,27 +1079,25 @@ async def unit_restart_lock(
     Every process that restarts units on this host (the bot, each control daemon) checks the
     restart spacing and reserves the restart under this lock, so two of them can never both
     pass the check for one unit: the second waits, then sees the first one's reservation.
-    The file is ``lock_dir/locks/restart-<unit>.lock``; the lock goes with the descriptor, so a
-    process that dies holding it frees it. Raises ``TimeoutError`` when another process holds
-    it for ``timeout`` seconds, and ``ValueError`` for a name that is not a unit.
+    The file is ``lock_dir/locks/restart-<unit>.lock`` (a name too long for the file system is
+    cut and ends in a hash); the lock goes with the descriptor, so a process that dies holding
+    it frees it. A file found removed or replaced once locked is let go and opened again.
+    Raises ``TimeoutError`` when another process holds it for ``timeout`` seconds, and
+    ``ValueError`` for a name that is not a unit.
 
     ``lock_dir`` may be shared by two users of one group (``OPS_LOCK_DIR``, deployed as
-    ``/run/admin-ops``, mode 2770): when it is setgid and group-writable, ``locks`` is created
-    2770 and the lock files 0660, so the other user can lock them too. ``locks`` and the file
-    are opened relative to the directory, never through a symlink; a path that is not a
-    directory or a regular file, or is writable by others (``lock_dir`` included), raises
-    :class:`UnsafeLockError`: the callers refuse the restart rather than run it unlocked.
+    ``/run/admin-ops``, mode 3770): when it is setgid and group-writable, ``locks`` is created
+    3770 (sticky: neither user can remove the other's lock files) and the lock files 0660, so
+    the other user can lock them too. ``locks`` and the file are opened relative to the
+    directory, never through a symlink; a path that is not a directory or a regular file, or is
+    writable by others (``lock_dir`` included), raises :class:`UnsafeLockError`. Any OSError
+    here means no lock: the callers refuse the restart rather than run it unlocked.
     """
     name = validate_unit_name(unit)
-    path = Path(lock_dir) / "locks" / f"restart-{name}.lock"
-    fd = await asyncio.to_thread(_open_lock, Path(lock_dir), name)
+    file = _lock_file_name(name)
+    fd = await _lock_fd(Path(lock_dir), file, name, timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while not _try_lock(fd):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"another process on this host is restarting {name}")
-            await asyncio.sleep(_LOCK_POLL)  # a poll period (see _LOCK_POLL)
-        yield UnitRestartLock(fd, clock, str(path))
+        yield UnitRestartLock(fd, clock, str(Path(lock_dir) / "locks" / file))
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 

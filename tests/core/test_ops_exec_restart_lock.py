@@ -8,7 +8,9 @@ reservation. Synchronisation is by files the child writes, with bounded waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -120,7 +122,8 @@ async def test_in_a_shared_dir_the_group_may_use_the_lock(tmp_path: Path) -> Non
     async with unit_restart_lock(lock_dir, "proxy") as lock:
         lock.reserve()
     locks, file = lock_dir / "locks", lock_dir / "locks" / "restart-proxy.service.lock"
-    assert stat.S_IMODE(locks.stat().st_mode) == 0o2770
+    # Sticky: neither user can remove (or replace) a lock file the other one created.
+    assert stat.S_IMODE(locks.stat().st_mode) == 0o3770
     assert stat.S_IMODE(file.stat().st_mode) == 0o660
     assert file.stat().st_gid == locks.stat().st_gid == lock_dir.stat().st_gid
 
@@ -156,6 +159,16 @@ def plant_world_writable(locks: Path, _target: Path) -> None:
     file.chmod(0o666)
 
 
+def plant_directory(locks: Path, _target: Path) -> None:
+    (locks / "restart-proxy.service.lock").mkdir(parents=True)
+
+
+def plant_socket(locks: Path, _target: Path) -> None:
+    locks.mkdir(mode=0o2770, exist_ok=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(locks / "restart-proxy.service.lock"))
+
+
 def plant_locks_symlink(locks: Path, target: Path) -> None:
     locks.symlink_to(target.parent)  # the "locks" directory itself points elsewhere
 
@@ -171,6 +184,8 @@ def plant_world_writable_locks(locks: Path, _target: Path) -> None:
         (plant_symlink, "a symbolic link"),
         (plant_fifo, "not a regular file"),
         (plant_hard_link, "not a regular file with a single link"),
+        (plant_directory, r"not a regular file \(a directory\)"),
+        (plant_socket, r"not a regular file \(a socket or a device\)"),
         (plant_world_writable, "writable by others"),
         (plant_locks_symlink, "a symbolic link"),
         (plant_world_writable_locks, "writable by others"),
@@ -222,3 +237,60 @@ async def test_a_reservation_that_is_not_a_time_is_ignored(tmp_path: Path, conte
     (tmp_path / "locks" / "restart-proxy.service.lock").write_bytes(b" 999990.25\n")
     async with unit_restart_lock(tmp_path, "proxy", clock=lambda: 1_000_000.0) as lock:
         assert lock.reserved_ago() == 9.75
+
+
+async def test_every_valid_unit_name_is_locked_long_ones_under_a_bounded_name(
+    tmp_path: Path,
+) -> None:
+    """Up to 255 characters is a unit name; ``restart-<unit>.lock`` would pass NAME_MAX (255)."""
+    longest = "a" * 247 + ".service"
+    twin = "a" * 246 + "b.service"  # the same first 200 characters: a lock of its own
+    for unit in (longest, twin):
+        async with unit_restart_lock(tmp_path, unit, clock=lambda: 1_000_000.0) as lock:
+            lock.reserve()
+    async with unit_restart_lock(tmp_path, longest, clock=lambda: 1_000_010.0) as lock:
+        assert lock.reserved_ago() == 10.0  # the same file for the same name
+    names = sorted(p.name for p in (tmp_path / "locks").iterdir())
+    assert len(names) == 2
+    assert all(len(name) <= 255 and "+" in name for name in names)
+    # A name that fits keeps its plain file name (what older processes lock too).
+    async with unit_restart_lock(tmp_path, "b" * 234 + ".service"):
+        pass
+    assert (tmp_path / "locks" / f"restart-{'b' * 234}.service.lock").is_file()
+
+
+def lock_fds(path: Path) -> int:
+    """How many descriptors of this process have ``path`` open (removed or not)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+    return count
+
+
+async def test_a_lock_file_removed_while_held_is_not_what_the_next_holder_locks(
+    tmp_path: Path,
+) -> None:
+    """Removed while held (a group member may), the file a waiter opened locks nothing.
+
+    The waiter takes the lock once the holder lets go, finds the name gone, and locks the file
+    now under the name, where the next process looks: so its reservation is seen.
+    """
+    file = tmp_path / "locks" / "restart-proxy.service.lock"
+    async with contextlib.AsyncExitStack() as holder:
+        await holder.enter_async_context(unit_restart_lock(tmp_path, "proxy"))
+
+        async def waiter() -> None:
+            async with unit_restart_lock(tmp_path, "proxy", timeout=DEADLINE) as lock:
+                lock.reserve()
+
+        task = asyncio.create_task(waiter())
+        end = time.monotonic() + DEADLINE
+        while lock_fds(file) < 2:  # until the waiter has the held file open too
+            assert not task.done(), task
+            assert time.monotonic() < end, "the waiter never opened the lock file"
+            await asyncio.sleep(0.01)  # a poll interval, not a guess at how long it takes
+        file.unlink()
+    await asyncio.wait_for(task, DEADLINE)
+    async with unit_restart_lock(tmp_path, "proxy", timeout=0.05) as lock:
+        assert lock.reserved_ago() is not None

@@ -423,7 +423,11 @@ def test_the_locks_directory_is_the_shared_groups_and_named_alike_everywhere() -
     text = LOCKS_TMPFILES.read_text()
     rows = [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
     # setgid: files created there belong to the group; no o+w (admin-ops refuses that); no age.
-    assert rows == [["d", LOCK_DIR, "2770", "root", SHARED_GROUP, "-"]]
+    # Sticky, and locks/ root's: neither user can remove a lock file the other created.
+    assert rows == [
+        ["d", LOCK_DIR, "3770", "root", SHARED_GROUP, "-"],
+        ["d", f"{LOCK_DIR}/locks", "3770", "root", SHARED_GROUP, "-"],
+    ]
     for unit in SHIPPED_UNITS:
         assert LOCK_DIR in unit_settings(unit)["ReadWritePaths"], unit
         assert unit_settings(unit)["SupplementaryGroups"] == [SHARED_GROUP]

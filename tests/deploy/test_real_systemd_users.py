@@ -248,17 +248,26 @@ def test_the_bot_and_the_daemon_take_one_restart_lock_in_the_shared_directory(
     assert isinstance(ago, float)
     assert isinstance(seen["interval"], float)
     assert 0.0 <= ago <= min(bound, seen["interval"]), (seen, bound)  # "restarted 0 s ago"
+    # Created by the daemon under RestrictSUIDSGID=yes: setgid handed down, sticky allowed.
+    assert seen["fresh_locks_mode"] == "3770", seen
     back = lock_probe(deploy_tree, bot, "lock-check", unit, "10")
     assert isinstance(back["reserved_ago"], float)
     assert 0.0 <= back["reserved_ago"] <= time.monotonic() - before
-    # The bot's user created them; the group admin-ops (the daemon's user) may use them.
+    # The bot's user created the file; the group admin-ops (the daemon's user) may use it, and
+    # (sticky, root's dir) may not remove it.
     locks = "/run/admin-ops/locks"
     shown = systemd.run("stat", "-c", "%a %U %G %F", locks, f"{locks}/restart-{unit}.lock")
     assert shown.stdout.splitlines() == [
-        "2770 opsbot admin-ops directory",
+        "3770 root admin-ops directory",
         "660 opsbot admin-ops regular file",
     ]
-    assert systemd.run("stat", "-c", "%a %U %G", "/run/admin-ops").stdout == "2770 root admin-ops\n"
+    assert systemd.run("stat", "-c", "%a %U %G", "/run/admin-ops").stdout == "3770 root admin-ops\n"
+    as_opsctl = ("setpriv", "--reuid=opsctl", "--regid=opsctl", "--init-groups")
+    # Sticky: the daemon's user may not remove the lock file the bot's user created.
+    removed = systemd.run(*as_opsctl, "rm", "-f", f"{locks}/restart-{unit}.lock")
+    assert removed.returncode != 0
+    assert removed.stderr.startswith("rm: cannot remove"), removed.stderr
+    assert "Operation not permitted" in removed.stderr
 
 
 # --- unit_started_ago as each service user ------------------------------------------------------

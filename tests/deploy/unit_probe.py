@@ -26,7 +26,8 @@ line per event, ``O_APPEND`` so concurrent writers do not interleave) and signal
   ``OUT/lock.json``, then hold it (``Type=notify``) until stopped.
 - ``lock-check OUT UNIT TIMEOUT``: wait up to TIMEOUT s for the same lock; in ``OUT/lock.json``
   whether another process held it all along, else the reservation found there and the spacing
-  (``OPS_RESTART_MIN_INTERVAL``); then reserve a restart itself.
+  (``OPS_RESTART_MIN_INTERVAL``); then reserve a restart itself; and the mode of the ``locks``
+  dir it creates in a fresh shared dir there (sticky under ``RestrictSUIDSGID=``).
 """
 
 from __future__ import annotations
@@ -301,8 +302,27 @@ def lock_check(out: Path, unit: str, timeout: float) -> None:
             facts["busy"] = str(exc)
 
     asyncio.run(check())
+    facts["fresh_locks_mode"] = _fresh_locks_mode(lock_dir, unit)
     (out / "lock.json").write_text(json.dumps(facts))
     record(out, "lock-checked")
+
+
+def _fresh_locks_mode(lock_dir: str, unit: str) -> str:
+    """The mode of a ``locks`` dir this process creates in a new shared dir inside ``lock_dir``.
+
+    Under the unit's RestrictSUIDSGID=: the sticky bit must be allowed there.
+    """
+    from core.ops_exec import unit_restart_lock
+
+    fresh = Path(lock_dir) / f"fresh-{os.getuid()}-{os.getpid()}"
+    fresh.mkdir(0o770)  # setgid and the group handed down by lock_dir
+    asyncio.run(_enter(unit_restart_lock(fresh, unit)))
+    return f"{(fresh / 'locks').stat().st_mode & 0o7777:o}"
+
+
+async def _enter(lock: Any) -> None:
+    async with lock:
+        pass
 
 
 def main(argv: list[str]) -> None:
