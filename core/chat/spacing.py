@@ -16,14 +16,16 @@ under the host-wide lock on the unit (:func:`core.ops_exec.unit_restart_lock`, i
 ``OPS_LOCK_DIR``, by default the state dir) by any process counts, and the action
 (:meth:`RestartSpacing.locked`) checks again under that lock, reserves its restart and holds the
 lock until the request is made. So the bot and a daemon never both restart a unit within the
-interval. A lock path that is unsafe (a symlink, not a regular file, writable by others:
-:class:`~core.ops_exec.UnsafeLockError`) refuses the restart: run unlocked, whoever planted it
-could switch the lock off for every process.
+interval. A lock that cannot be taken refuses the restart, like the daemon does: a lock path
+that is unsafe (a symlink, not a regular file, writable by others:
+:class:`~core.ops_exec.UnsafeLockError`), and any other error (a file of another user, a full
+disk): run unlocked, whoever planted it could switch the lock off for every process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -87,13 +89,8 @@ class RestartSpacing:
                 return await self._locked_check(inv, unit, lock, own=own)
         except TimeoutError:
             return self._busy(inv, unit)
-        except UnsafeLockError as exc:
-            return self._unsafe(inv, unit, exc)
         except OSError as exc:
-            # An unusable state dir must not lock the operator out of restarts: checked as
-            # before the lock existed (systemd's timestamp still counts).
-            log.warning("restart lock of %s unavailable (%s): checking without it", unit, exc)
-            return self._refusal(inv, unit, await self._started_ago(unit, own=own))
+            return self._no_lock(inv, unit, exc)
 
     def locked(self, unit: str, action: Action, *, own: bool) -> Action:
         """``action`` under the host-wide lock on ``unit``, checked again and reserved there.
@@ -114,11 +111,8 @@ class RestartSpacing:
                     lock = await stack.enter_async_context(unit_restart_lock(lock_dir, unit))
                 except TimeoutError:
                     return _refused(self._busy(inv, unit))
-                except UnsafeLockError as exc:
-                    return _refused(self._unsafe(inv, unit, exc))
                 except OSError as exc:
-                    log.warning("restart lock of %s unavailable (%s): restarting", unit, exc)
-                    return await action(inv)
+                    return _refused(self._no_lock(inv, unit, exc))
                 refusal = await self._locked_check(inv, unit, lock, own=own)
                 if refusal is not None:
                     return _refused(refusal)
@@ -148,12 +142,18 @@ class RestartSpacing:
         what = inline_code(unit)
         return Refusal("refused:running", f"{inv.shown} refused: {what} is being restarted.")
 
-    def _unsafe(self, inv: Invocation, unit: str, exc: UnsafeLockError) -> Refusal:
-        log.error("refusing to restart %s: %s (%s)", unit, exc.strerror, exc.filename)
+    def _no_lock(self, inv: Invocation, unit: str, exc: OSError) -> Refusal:
+        """The restart refused, its lock not taken; the log has the path and the errno.
+
+        Unlocked, it could follow another process's restart of the unit within the interval.
+        """
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        log.error("refusing to restart %s: %s (%s, %s)", unit, exc.strerror, exc.filename, code)
         what = inline_code(unit)
+        why = "is unsafe" if isinstance(exc, UnsafeLockError) else "cannot be taken"
         return Refusal(
             "refused:config",
-            f"{inv.shown} refused: the restart lock of {what} on this host is unsafe "
+            f"{inv.shown} refused: the restart lock of {what} on this host {why} "
             "(see the bot's log).",
         )
 

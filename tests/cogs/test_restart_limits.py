@@ -313,7 +313,22 @@ async def test_the_bot_locks_in_ops_lock_dir_and_refuses_a_restart_under_an_unsa
     assert systemctl.calls() == []
     assert victim.read_text() == "precious"
     why = "unsafe restart lock path: a symbolic link or not a directory"
-    assert f"refusing to restart proxy.service: {why} ({lock_file})" in caplog.messages
+    assert f"refusing to restart proxy.service: {why} ({lock_file}, EPERM)" in caplog.messages
+
+
+async def test_a_directory_planted_as_the_lock_file_refuses_the_restart(
+    harness: Harness, systemctl: SystemctlStub, monkeypatch: pytest.MonkeyPatch, sent: list[Sent]
+):
+    """It cannot be opened as a file (EISDIR): refused as unsafe, never restarted unlocked."""
+    started(monkeypatch, {"proxy.service": None})
+    (harness.state_dir / "locks" / "restart-proxy.service.lock").mkdir(parents=True)
+    await harness.add_cog()
+    message = await harness.say("!proxy_restart")
+    assert only_reply(sent, message).content == (
+        "`!proxy_restart` refused: the restart lock of `proxy.service` on this host is unsafe "
+        "(see the bot's log)."
+    )
+    assert systemctl.calls() == []
 
 
 async def test_the_spacing_reveals_nothing_to_who_may_not_run_the_command(
