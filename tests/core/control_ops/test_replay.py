@@ -61,6 +61,9 @@ async def roll_group_back(redis: aioredis.Redis, fields: dict[str, str], prefix:
     """The group's position set back to the start: the original entry is delivered again."""
     await forget(redis, fields["id"], prefix)
     await redis.xgroup_setid(command_stream_key(prefix), HOST, "0")
+    # A blocked XREADGROUP wakes for a new entry only: one without an id (dropped unanswered)
+    # ends the daemon's wait now rather than at its block timeout.
+    await redis.xadd(command_stream_key(prefix), {"wake": "1"})
 
 
 async def recreate_group(redis: aioredis.Redis, fields: dict[str, str], prefix: str) -> None:
