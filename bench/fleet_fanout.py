@@ -50,15 +50,13 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The checkout goes on sys.path just above, so `python bench/fleet_fanout.py` works anywhere.
+from bench._fleet import daemon_fleet
 from core.control_ops import (
-    ControlDaemon,
-    alive_hosts,
     build_command,
     publish,
     ran_marker_key,
     results_key,
 )
-from core.redis_client import make_redis
 from tests.support.redis_proc import free_port, start_redis_server, stop_redis_server
 
 SECRET = uuid.uuid4().hex  # any shared secret will do; a fresh one per run
@@ -110,34 +108,11 @@ class Tally:
 
 @contextlib.asynccontextmanager
 async def daemons(url: str, n: int, prefix: str) -> AsyncIterator[aioredis.Redis]:
-    clients = [make_redis(url) for _ in range(n)]
-    state = tempfile.TemporaryDirectory(prefix="fleet-bench-state-")
-    fleet = [
-        ControlDaemon(
-            client,
-            identity=f"host-{i:04d}",
-            secret=SECRET,
-            pull_targets={},
-            restart_units=(),
-            prefix=prefix,
-            state_dir=state.name,
-        )
-        for i, client in enumerate(clients)
-    ]
-    tasks = [asyncio.create_task(daemon.run()) for daemon in fleet]
-    publisher = make_redis(url)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(d.serving.wait() for d in fleet)), 60)
-        if len(await alive_hosts(publisher, prefix=prefix, secret=SECRET)) != n:
-            raise RuntimeError("not every daemon heartbeated")
-        yield publisher
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(client.aclose() for client in clients))
-        await publisher.aclose()
-        state.cleanup()
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-state-") as state:
+        async with daemon_fleet(
+            url, n, prefix=prefix, secret=SECRET, state_dir=Path(state)
+        ) as publisher:
+            yield publisher
 
 
 async def daemon_round(publisher: aioredis.Redis, n: int, prefix: str, tally: Tally) -> None:

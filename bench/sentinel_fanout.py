@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -39,43 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The checkout goes on sys.path just above, so `python bench/sentinel_fanout.py` works anywhere.
 from bench._common import TIMING_HEADERS, median, print_table, timing_row, verdict
-from core.control_ops import ControlDaemon, alive_hosts, publish, results_key
-from core.redis_client import make_redis
+from bench._fleet import daemon_fleet
+from core.control_ops import publish, results_key
 from tests.support.sentinel import SentinelCluster
 
 SECRET = uuid.uuid4().hex
 ROUND_TIMEOUT = 30.0
 TARGET_RATIO = 1.1
-
-
-@contextlib.asynccontextmanager
-async def fleet(url: str, n: int, prefix: str, state: Path) -> AsyncIterator[aioredis.Redis]:
-    """N daemons on ``url``, each with a client of its own; yields the publisher's client."""
-    clients = [make_redis(url) for _ in range(n)]
-    daemons = [
-        ControlDaemon(
-            client,
-            identity=f"host-{i:03d}",
-            secret=SECRET,
-            pull_targets={},
-            restart_units=(),
-            prefix=prefix,
-            state_dir=state,
-        )
-        for i, client in enumerate(clients)
-    ]
-    tasks = [asyncio.create_task(daemon.run()) for daemon in daemons]
-    publisher = make_redis(url)
-    try:
-        await asyncio.wait_for(asyncio.gather(*(d.serving.wait() for d in daemons)), 60)
-        if len(await alive_hosts(publisher, prefix=prefix, secret=SECRET)) != n:
-            raise RuntimeError("not every daemon heartbeated")
-        yield publisher
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(client.aclose() for client in clients), publisher.aclose())
 
 
 class Side:
@@ -114,8 +82,20 @@ async def measure(n: int, rounds: int, warmup: int) -> int:
             master = cluster.master()
             urls = {"sentinel": cluster.url(), "direct": f"redis://127.0.0.1:{master}/0"}
             async with (
-                fleet(urls["sentinel"], n, "bench:s", Path(workdir) / "s") as via_sentinel,
-                fleet(urls["direct"], n, "bench:d", Path(workdir) / "d") as direct,
+                daemon_fleet(
+                    urls["sentinel"],
+                    n,
+                    prefix="bench:s",
+                    secret=SECRET,
+                    state_dir=Path(workdir) / "s",
+                ) as via_sentinel,
+                daemon_fleet(
+                    urls["direct"],
+                    n,
+                    prefix="bench:d",
+                    secret=SECRET,
+                    state_dir=Path(workdir) / "d",
+                ) as direct,
             ):
                 sides = [
                     Side("sentinel", via_sentinel, "bench:s", n),
