@@ -8,32 +8,53 @@ nothing looks alive that is not, and the reloaded cog asks afresh.
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 from tests.e2e.test_confirmations import CHANNEL_MESSAGE, FOLLOWUP, buttons, callback_to
+from tests.support import fake_discord_payloads as p
 from tests.support.chat import SystemctlStub
-from tests.support.fake_discord import FakeDiscord, pings_nobody
-from tests.support.fake_discord_bot import StartBot
+from tests.support.fake_discord import FakeDiscord, InteractionState, Recorded, pings_nobody
+from tests.support.fake_discord_bot import BotProcess, StartBot
+
+
+async def asking_bot(start_bots: StartBot) -> BotProcess:
+    """A bot that asks before ``/proxy_restart``, connected and synced."""
+    bot = await start_bots(OPS_PROXY_SERVICE="proxy.service", OPS_CONFIRM="proxy_restart")
+    await bot.wait_ready()
+    await bot.wait_synced()
+    return bot
+
+
+async def asked(
+    bot: BotProcess, fake: FakeDiscord, by: p.FakeMember
+) -> tuple[InteractionState, dict[str, Any]]:
+    """``by`` runs ``/proxy_restart``; the interaction and the question as the fake holds it."""
+    state = await fake.invoke("proxy_restart", by=by)
+    await callback_to(bot, fake, state.token)
+    prompt = fake.original(state)
+    assert prompt is not None
+    return state, prompt
+
+
+async def press(
+    bot: BotProcess, fake: FakeDiscord, prompt: dict[str, Any], label: str, by: p.FakeMember
+) -> Recorded:
+    """``by`` presses the button ``label`` of ``prompt``; the bot's answer to the press."""
+    pressed = await fake.press(int(prompt["id"]), buttons(prompt)[label]["custom_id"], by=by)
+    return await callback_to(bot, fake, pressed.token)
 
 
 async def test_the_invoker_who_lost_the_role_cannot_confirm_but_can_cancel(
     start_bots: StartBot, fake_discord: FakeDiscord, systemctl: SystemctlStub
 ) -> None:
-    bot = await start_bots(OPS_PROXY_SERVICE="proxy.service", OPS_CONFIRM="proxy_restart")
-    await bot.wait_ready()
-    await bot.wait_synced()
+    bot = await asking_bot(start_bots)
     alice = fake_discord.alice
     assert alice is not None
 
-    asked = await fake_discord.invoke("proxy_restart", by=alice)
-    await callback_to(bot, fake_discord, asked.token)
-    prompt = fake_discord.original(asked)
-    assert prompt is not None
+    _state, prompt = await asked(bot, fake_discord, alice)
     alice = await fake_discord.update_member(alice)  # her ops role taken away
 
-    pressed = await fake_discord.press(
-        int(prompt["id"]), buttons(prompt)["Confirm"]["custom_id"], by=alice
-    )
-    refused = await callback_to(bot, fake_discord, pressed.token)
+    refused = await press(bot, fake_discord, prompt, "Confirm", alice)
     assert (refused.json["type"], refused.ephemeral) == (CHANNEL_MESSAGE, True)
     assert refused.content == (
         "You no longer have a role that may run `/proxy_restart`: nothing runs."
@@ -41,10 +62,9 @@ async def test_the_invoker_who_lost_the_role_cannot_confirm_but_can_cancel(
     assert pings_nobody(refused.allowed_mentions)
     assert not any(button["disabled"] for button in buttons(prompt).values())
 
-    cancel = await fake_discord.press(
-        int(prompt["id"]), buttons(prompt)["Cancel"]["custom_id"], by=alice
-    )
-    assert (await callback_to(bot, fake_discord, cancel.token)).content == "Cancelled by alice."
+    assert (
+        await press(bot, fake_discord, prompt, "Cancel", alice)
+    ).content == "Cancelled by alice."
     (record,) = await bot.wait_audit(1)
     assert (record["outcome"], record["confirmation"]) == ("cancelled", "cancelled")
     assert systemctl.calls("restart") == []
@@ -56,16 +76,11 @@ STOPPED = "Cancelled: admin-ops stopped (a reload or a shutdown) before an answe
 async def test_a_reload_cancels_the_open_question_and_the_new_cog_asks_again(
     start_bots: StartBot, fake_discord: FakeDiscord, systemctl: SystemctlStub
 ) -> None:
-    bot = await start_bots(OPS_PROXY_SERVICE="proxy.service", OPS_CONFIRM="proxy_restart")
-    await bot.wait_ready()
-    await bot.wait_synced()
+    bot = await asking_bot(start_bots)
     alice = fake_discord.alice
     assert alice is not None
 
-    first = await fake_discord.invoke("proxy_restart", by=alice)
-    await callback_to(bot, fake_discord, first.token)
-    old_prompt = fake_discord.original(first)
-    assert old_prompt is not None
+    _first, old_prompt = await asked(bot, fake_discord, alice)
     await fake_discord.post("!ops_reload cogs.admin_ops", by=alice)
     records = await bot.wait_audit(2)
     assert sorted((r["command"], r["outcome"]) for r in records) == [
@@ -76,15 +91,8 @@ async def test_a_reload_cancels_the_open_question_and_the_new_cog_asks_again(
     assert all(button["disabled"] for button in buttons(old_prompt).values())
 
     # The reloaded cog knows nothing is running: it asks, and alice's Confirm runs it once.
-    second = await fake_discord.invoke("proxy_restart", by=alice)
-    await callback_to(bot, fake_discord, second.token)
-    prompt = fake_discord.original(second)
-    assert prompt is not None
-    assert buttons(prompt)
-    pressed = await fake_discord.press(
-        int(prompt["id"]), buttons(prompt)["Confirm"]["custom_id"], by=alice
-    )
-    await callback_to(bot, fake_discord, pressed.token)
+    second, prompt = await asked(bot, fake_discord, alice)
+    await press(bot, fake_discord, prompt, "Confirm", alice)
     await bot.until(
         lambda: next((r for r in fake_discord.answers(second) if r.key == FOLLOWUP), None),
         what="the restart's answer",
