@@ -32,7 +32,7 @@ Answer = Literal["confirmed", "cancelled", "timed out"]
 CUSTOM_ID_PREFIX: Final = "admin-ops"
 #: Why open questions end when the cog is unloaded (a reload, or the bot shutting down).
 STOPPED: Final = "admin-ops stopped (a reload or a shutdown) before an answer"
-#: Seconds the edit of a question may take while the cog stops.
+#: Seconds the edit of a question that ended unanswered may take (the cog may be stopping).
 CLOSE_EDIT_TIMEOUT: Final = 3.0
 
 
@@ -121,7 +121,7 @@ class _Prompt(discord.ui.View):
         self.invoker = display_name(inv.ctx.author)
         self.waited = format_duration(timeout)
         self.message: discord.Message | None = None
-        #: Why the question was closed before an answer (the cog unloaded), once it is.
+        #: Why the question ended unanswered (timed out, or the cog unloaded), once it did.
         self.closed_with: str | None = None
         self._settled = False
         self.answered: asyncio.Future[Confirmation] = asyncio.get_running_loop().create_future()
@@ -180,18 +180,15 @@ class _Prompt(discord.ui.View):
 
     async def on_timeout(self) -> None:
         """No answer in time: the prompt says so, its buttons disabled, and nothing runs."""
-        if self._settled:
-            return
-        self._settle()
-        try:
-            if self.message is not None:
-                text = f"Cancelled: no answer in {self.waited}"
-                await self.replies.edit_prompt(self.message, text, self)
-        finally:
-            self.answered.set_result(Confirmation("timed out", f"no answer in {self.waited}"))
+        waited = f"no answer in {self.waited}"
+        await self._end(waited, Confirmation("timed out", waited))
 
     async def close(self, reason: str) -> None:
         """End the question now: it says ``reason``, its buttons disabled, and nothing runs."""
+        await self._end(reason, Confirmation("cancelled", reason))
+
+    async def _end(self, reason: str, answer: Confirmation) -> None:
+        """Unanswered and over: "Cancelled: ``reason``" on the question, then ``answer``."""
         if self._settled:
             return
         self._settle()
@@ -200,17 +197,17 @@ class _Prompt(discord.ui.View):
             await self.show_closed()
         finally:
             if not self.answered.done():
-                self.answered.set_result(Confirmation("cancelled", reason))
+                self.answered.set_result(answer)
 
     async def show_closed(self) -> None:
-        """Edit the question (once it is known) to say why it was closed; bounded in time."""
+        """Edit the question (once it is known) to say why it ended; bounded in time."""
         if self.message is None or self.closed_with is None:
             return
         edit = self.replies.edit_prompt(self.message, f"Cancelled: {self.closed_with}", self)
         try:
             await asyncio.wait_for(edit, CLOSE_EDIT_TIMEOUT)
         except TimeoutError:
-            log.warning("cannot edit a question while stopping: no answer in time")
+            log.warning("cannot edit a question that ended unanswered: no answer in time")
 
     def _settle(self) -> None:
         """Answered once and for all: the buttons are disabled and the view stops listening."""
